@@ -1,0 +1,200 @@
+//! The admin HTTP server: `GET /metrics`, `GET /healthz`, `GET /readyz`.
+//!
+//! Served with axum (on hyper), bound before the sidecar connects, so Kubernetes probes get
+//! answers while the broker is still unreachable: /healthz 200 (the process runs), /readyz
+//! 503 with a JSON body saying why.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The sidecar's readiness inputs, shared between the supervisor and the admin server.
+#[derive(Debug, Default)]
+pub struct Health {
+    connected: AtomicBool,
+    consumers: AtomicUsize,
+    expected_consumers: AtomicUsize,
+    usable_backends: AtomicUsize,
+    draining: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// The /readyz answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Readiness {
+    /// True when connected, consuming, not draining, with at least one usable backend.
+    pub ready: bool,
+    /// Connected to the broker.
+    pub connected: bool,
+    /// Consumers subscribed now.
+    pub consumers: usize,
+    /// Consumers the sidecar wants.
+    pub expected_consumers: usize,
+    /// Backends that can take requests.
+    pub usable_backends: usize,
+    /// Shutdown has started.
+    pub draining: bool,
+    /// Why not ready (empty when ready).
+    pub reasons: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Health {
+    /// Records whether the broker connection is up.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::SeqCst);
+        crate::metrics::set_connected(up);
+        if up {
+            *lock(&self.last_error) = None;
+        }
+    }
+
+    /// Records the number of subscribed consumers.
+    pub fn set_consumers(&self, n: usize) {
+        self.consumers.store(n, Ordering::SeqCst);
+        crate::metrics::set_consumers(n);
+    }
+
+    /// Records the number of consumers the sidecar wants.
+    pub fn set_expected_consumers(&self, n: usize) {
+        self.expected_consumers.store(n, Ordering::SeqCst);
+    }
+
+    /// Records how many backends can take requests.
+    pub fn set_usable_backends(&self, n: usize) {
+        self.usable_backends.store(n, Ordering::SeqCst);
+    }
+
+    /// Marks shutdown as started (readiness turns false for good).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Records the latest problem, shown on /readyz until the connection is back.
+    pub fn set_error(&self, e: impl Into<String>) {
+        *lock(&self.last_error) = Some(e.into());
+    }
+
+    /// The current readiness and its reasons.
+    #[must_use]
+    pub fn readiness(&self) -> Readiness {
+        let connected = self.connected.load(Ordering::SeqCst);
+        let consumers = self.consumers.load(Ordering::SeqCst);
+        let expected_consumers = self.expected_consumers.load(Ordering::SeqCst);
+        let usable_backends = self.usable_backends.load(Ordering::SeqCst);
+        let draining = self.draining.load(Ordering::SeqCst);
+        let mut reasons = Vec::new();
+        if draining {
+            reasons.push("shutting down: draining in-flight deliveries".to_owned());
+        }
+        if !connected {
+            reasons.push("not connected to the broker".to_owned());
+        }
+        if let Some(e) = lock(&self.last_error).as_ref() {
+            reasons.push(e.clone());
+        }
+        if connected && consumers == 0 {
+            reasons.push("no consumer subscribed".to_owned());
+        }
+        if usable_backends == 0 {
+            reasons.push("no usable backend".to_owned());
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            connected,
+            consumers,
+            expected_consumers,
+            usable_backends,
+            draining,
+            reasons,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// The bound admin server.
+pub struct AdminServer {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl AdminServer {
+    /// Binds `addr` (use port 0 for an ephemeral port).
+    ///
+    /// # Errors
+    /// When the address cannot be bound (in use, permission).
+    pub async fn bind(
+        addr: SocketAddr,
+        metrics: PrometheusHandle,
+        health: Arc<Health>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let router = Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz_handler))
+            .with_state(AdminState { metrics, health });
+        Ok(Self { listener, router })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// Only if the socket is in a bad state.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        let serve =
+            axum::serve(self.listener, self.router).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    }
+}
+
+async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    let r = s.health.readiness();
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(r))
+}

@@ -1,0 +1,147 @@
+//! One consumer channel: basic.qos, basic.consume with manual acks, and a task per delivery.
+//!
+//! The prefetch bounds the deliveries the broker sends before they are settled, so the tasks
+//! spawned per delivery are bounded by consumers × prefetch: the broker's flow control is the
+//! backpressure, and no queue of our own can grow.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::{FieldTable, ShortString},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::dispatch::Dispatcher;
+
+/// How long to wait for the deliveries still buffered after basic.cancel.
+const CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why a consumer stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerExit {
+    /// We cancelled it (shutdown).
+    Stopped,
+    /// The broker cancelled it (queue deleted, or basic.cancel from the server).
+    CancelledByBroker,
+    /// Its channel or connection failed.
+    Failed(String),
+}
+
+/// A consumer channel and its delivery stream.
+pub struct Consumer {
+    index: usize,
+    channel: Channel,
+    stream: lapin::Consumer,
+    tag: ShortString,
+    dispatcher: Arc<Dispatcher>,
+    /// Tracks the per-delivery tasks, so shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Cancelled to stop consuming (basic.cancel).
+    stop: CancellationToken,
+}
+
+impl Consumer {
+    /// Opens a channel on `conn`, sets basic.qos `prefetch` (per consumer, `global=false`)
+    /// and starts a manual-ack consumer on `queue`.
+    ///
+    /// # Errors
+    /// The lapin error of whichever step failed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        conn: &Connection,
+        index: usize,
+        queue: &str,
+        prefetch: u16,
+        dispatcher: Arc<Dispatcher>,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Self, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let tag = ShortString::from(format!("amqp-sidecar-{}-{index}", std::process::id()));
+        let stream = channel
+            .basic_consume(
+                ShortString::from(queue),
+                tag.clone(),
+                BasicConsumeOptions {
+                    no_ack: false,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            index,
+            channel,
+            stream,
+            tag,
+            dispatcher,
+            tracker,
+            stop,
+        })
+    }
+
+    /// Consumes until stopped, cancelled by the broker, or failed.
+    pub async fn run(mut self) -> ConsumerExit {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => {
+                    self.cancel().await;
+                    return ConsumerExit::Stopped;
+                }
+                next = self.stream.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let dispatcher = Arc::clone(&self.dispatcher);
+                        let span = tracing::debug_span!("delivery", consumer = self.index, tag = delivery.delivery_tag);
+                        self.tracker.spawn(async move { dispatcher.handle(delivery).await }.instrument(span));
+                    }
+                    Some(Err(e)) => {
+                        let reason = crate::amqp::describe(&e);
+                        tracing::warn!(consumer = self.index, error = %reason, "consumer channel failed");
+                        return ConsumerExit::Failed(reason);
+                    }
+                    None => {
+                        if self.stop.is_cancelled() {
+                            return ConsumerExit::Stopped;
+                        }
+                        tracing::warn!(consumer = self.index, "consumer cancelled by the broker (queue deleted?)");
+                        return ConsumerExit::CancelledByBroker;
+                    }
+                }
+            }
+        }
+    }
+
+    /// basic.cancel, then hands back anything still buffered without attempting it.
+    async fn cancel(&mut self) {
+        if let Err(e) = self
+            .channel
+            .basic_cancel(self.tag.clone(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(consumer = self.index, error = %crate::amqp::describe(&e), "basic.cancel failed");
+            return;
+        }
+        let drain = async {
+            while let Some(Ok(delivery)) = self.stream.next().await {
+                let dispatcher = Arc::clone(&self.dispatcher);
+                self.tracker
+                    .spawn(async move { dispatcher.release(delivery).await });
+            }
+        };
+        let _ = tokio::time::timeout(CANCEL_DRAIN, drain).await;
+    }
+
+    /// The consumer's channel (to close it once its deliveries are settled).
+    #[must_use]
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}

@@ -1,0 +1,307 @@
+//! Worker backends: the HTTP client, the request mapping ([`request`]) and the
+//! classification of what came back ([`BackendError`]).
+//!
+//! The client is reqwest (on hyper-util's pooled client): one shared pool with keep-alive,
+//! proxies off (loopback backends must never go through `HTTP_PROXY`), redirects off (a
+//! worker that redirects is misconfigured, and following it would hide that).
+
+pub mod request;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use reqwest::{StatusCode, header::HeaderMap};
+
+use crate::{
+    config::{BackendConfig, BackendLimits},
+    metrics::BackendMetrics,
+    retry::parse_retry_after,
+};
+
+/// How much of a failed response's body goes into `x-sidecar-last-error`, in bytes.
+const ERROR_SNIPPET_BYTES: usize = 256;
+
+/// One worker backend.
+pub struct Backend {
+    /// Label in metrics, logs and `x-sidecar-backend`.
+    pub label: String,
+    /// Where deliveries are POSTed.
+    pub url: reqwest::Url,
+    /// Per-request timeout (`timeout_ms`).
+    pub timeout: Duration,
+    /// Pre-resolved metric handles.
+    pub metrics: BackendMetrics,
+}
+
+impl Backend {
+    /// Builds a backend from its config.
+    ///
+    /// # Errors
+    /// When the URL does not parse (config validation rejects that earlier).
+    pub fn new(cfg: &BackendConfig) -> Result<Self, url::ParseError> {
+        let label = cfg.label();
+        Ok(Self {
+            url: reqwest::Url::parse(&cfg.url)?,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            metrics: BackendMetrics::new(&label),
+            label,
+        })
+    }
+}
+
+/// Why a backend request did not succeed. [`BackendError::is_retryable`] says whether
+/// another attempt makes sense.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The backend answered with a non-2xx status.
+    #[error("HTTP {status}{}", snippet_suffix(.body))]
+    Status {
+        /// The status code.
+        status: StatusCode,
+        /// `Retry-After` on a 429 or 503, if it parsed.
+        retry_after: Option<Duration>,
+        /// The start of the response body, for the dead-letter header.
+        body: String,
+    },
+    /// No complete response within the backend's `timeout_ms`.
+    #[error("timed out after {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The TCP connection could not be made (refused, unreachable).
+    #[error("connect error: {0}")]
+    Connect(String),
+    /// The connection failed mid-request (reset, closed early, bad response).
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+fn snippet_suffix(body: &str) -> String {
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(": {body}")
+    }
+}
+
+impl BackendError {
+    /// Retryable: 408, 429, 5xx (and any other non-4xx status), timeouts, refused or reset
+    /// connections. Not retryable: every other 4xx, which says the message itself is bad.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => {
+                !status.is_client_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Timeout(_) | Self::Connect(_) | Self::Transport(_) => true,
+        }
+    }
+
+    /// The HTTP status, or 0 when there was no response.
+    #[must_use]
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Self::Status { status, .. } => status.as_u16(),
+            _ => 0,
+        }
+    }
+
+    /// The `Retry-After` the backend asked for, if any.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The `outcome` label of `amqp_sidecar_backend_requests_total`.
+    #[must_use]
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Connect(_) => "connect_error",
+            e if e.is_retryable() => "retryable",
+            _ => "rejected",
+        }
+    }
+}
+
+/// The shared HTTP client.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    max_response_bytes: usize,
+}
+
+impl Client {
+    /// A pooled keep-alive client.
+    ///
+    /// # Errors
+    /// When reqwest cannot build its client (no TLS backend is compiled in, so this only
+    /// fails on resource exhaustion).
+    pub fn new(limits: &BackendLimits, pool_per_host: usize) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_millis(limits.connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(pool_per_host)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            http,
+            max_response_bytes: limits.max_response_bytes,
+        })
+    }
+
+    /// POSTs `body` with `headers` to `backend`, reads at most `backend.max_response_bytes`
+    /// of the response, and records the request's metrics.
+    ///
+    /// # Errors
+    /// A [`BackendError`] for any non-2xx status or transport failure.
+    pub async fn post(
+        &self,
+        backend: &Backend,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<StatusCode, BackendError> {
+        let started = Instant::now();
+        let result = self.exchange(backend, headers, body).await;
+        backend
+            .metrics
+            .duration
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome_label(),
+        };
+        backend.metrics.requests(outcome).increment(1);
+        result
+    }
+
+    async fn exchange(
+        &self,
+        backend: &Backend,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<StatusCode, BackendError> {
+        let timeout = backend.timeout;
+        let map_err = |e: reqwest::Error| {
+            if e.is_timeout() {
+                BackendError::Timeout(timeout)
+            } else if e.is_connect() {
+                BackendError::Connect(error_chain(&e))
+            } else {
+                BackendError::Transport(error_chain(&e))
+            }
+        };
+        let mut response = self
+            .http
+            .post(backend.url.clone())
+            .headers(headers)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(map_err)?;
+        let status = response.status();
+        let retry_after = if status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::SERVICE_UNAVAILABLE
+        {
+            response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()))
+        } else {
+            None
+        };
+        // Read (and discard) the body up to the limit so the connection can be reused; the
+        // load of this request counts until its body ends, as in linkerd2-proxy.
+        let mut snippet = Vec::new();
+        let mut read = 0usize;
+        while read <= self.max_response_bytes {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if snippet.len() < ERROR_SNIPPET_BYTES {
+                        let take = (ERROR_SNIPPET_BYTES - snippet.len()).min(chunk.len());
+                        snippet.extend_from_slice(&chunk[..take]);
+                    }
+                    read += chunk.len();
+                }
+                Ok(None) => break,
+                // The status is what counts; a body cut short still tells us the outcome.
+                Err(e) if status.is_success() => {
+                    tracing::debug!(backend = %backend.label, error = %error_chain(&e), "response body cut short after 2xx");
+                    break;
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        if status.is_success() {
+            return Ok(status);
+        }
+        let body = String::from_utf8_lossy(&snippet)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+            .trim()
+            .to_owned();
+        Err(BackendError::Status {
+            status,
+            retry_after,
+            body,
+        })
+    }
+}
+
+/// An error and its sources on one line (reqwest's Display hides the cause).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> BackendError {
+        BackendError::Status {
+            status: StatusCode::from_u16(code).expect("valid"),
+            retry_after: None,
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(status(code).is_retryable(), "{code}");
+            assert_eq!(status(code).outcome_label(), "retryable");
+        }
+        for code in [400, 401, 404, 409, 422] {
+            assert!(!status(code).is_retryable(), "{code}");
+            assert_eq!(status(code).outcome_label(), "rejected");
+        }
+        assert!(BackendError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert_eq!(
+            BackendError::Connect("refused".into()).outcome_label(),
+            "connect_error"
+        );
+        assert_eq!(
+            BackendError::Transport("reset".into()).outcome_label(),
+            "retryable"
+        );
+        assert_eq!(BackendError::Timeout(Duration::ZERO).status_code(), 0);
+    }
+}

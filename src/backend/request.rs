@@ -1,0 +1,310 @@
+//! Mapping a delivery to HTTP request headers.
+//!
+//! | AMQP | HTTP header |
+//! |---|---|
+//! | content-type (default `application/octet-stream`) | `Content-Type` |
+//! | content-encoding | `Content-Encoding` |
+//! | message-id, correlation-id, type, reply-to, app-id | `X-Amqp-Message-Id`, `X-Amqp-Correlation-Id`, `X-Amqp-Type`, `X-Amqp-Reply-To`, `X-Amqp-App-Id` |
+//! | routing key, exchange, redelivered | `X-Amqp-Routing-Key`, `X-Amqp-Exchange`, `X-Amqp-Redelivered` (`true`/`false`) |
+//! | timestamp (seconds since the Unix epoch) | `X-Amqp-Timestamp` (the same integer) |
+//! | the attempt number, 1-based | `X-Amqp-Attempt` |
+//! | application header `name` with a string, number or boolean value | `X-Amqp-Header-<name>` |
+//!
+//! A value that is not a legal HTTP header value (CR, LF or another control byte, RFC 9110
+//! §5.5), a header name that is not an HTTP token, and a value of another type (table, array,
+//! bytes, void) are left out and logged. They are never injected, and the request still goes.
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+/// Prefix of the headers that carry AMQP application headers.
+pub const APP_HEADER_PREFIX: &str = "x-amqp-header-";
+
+/// The delivery fields the mapping reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    /// Exchange the message was published to ("" for the default exchange).
+    pub exchange: &'a str,
+    /// Routing key it was published with.
+    pub routing_key: &'a str,
+    /// The broker's redelivered flag.
+    pub redelivered: bool,
+    /// The message properties, application headers included.
+    pub properties: &'a BasicProperties,
+    /// This attempt, 1-based.
+    pub attempt: u32,
+}
+
+/// A header that was left out, and why (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The AMQP property or header name.
+    pub name: String,
+    /// Why it was left out.
+    pub reason: &'static str,
+}
+
+/// Builds the request headers; returns them with the list of what was left out.
+#[must_use]
+pub fn headers(env: &Envelope<'_>) -> (HeaderMap, Vec<Skipped>) {
+    let mut map = HeaderMap::with_capacity(16);
+    let mut skipped = Vec::new();
+    let p = env.properties;
+
+    let content_type = p
+        .content_type()
+        .as_ref()
+        .map_or("application/octet-stream", |s| s.as_str());
+    put_str(
+        &mut map,
+        &mut skipped,
+        CONTENT_TYPE,
+        "content-type",
+        content_type,
+    );
+    if let Some(v) = p.content_encoding() {
+        put_str(
+            &mut map,
+            &mut skipped,
+            CONTENT_ENCODING,
+            "content-encoding",
+            v.as_str(),
+        );
+    }
+    let props = [
+        ("x-amqp-message-id", "message-id", p.message_id()),
+        (
+            "x-amqp-correlation-id",
+            "correlation-id",
+            p.correlation_id(),
+        ),
+        ("x-amqp-type", "type", p.kind()),
+        ("x-amqp-reply-to", "reply-to", p.reply_to()),
+        ("x-amqp-app-id", "app-id", p.app_id()),
+    ];
+    for (header, prop, value) in props {
+        if let Some(v) = value {
+            put_str(
+                &mut map,
+                &mut skipped,
+                HeaderName::from_static(header),
+                prop,
+                v.as_str(),
+            );
+        }
+    }
+    put_str(
+        &mut map,
+        &mut skipped,
+        HeaderName::from_static("x-amqp-routing-key"),
+        "routing-key",
+        env.routing_key,
+    );
+    put_str(
+        &mut map,
+        &mut skipped,
+        HeaderName::from_static("x-amqp-exchange"),
+        "exchange",
+        env.exchange,
+    );
+    map.insert(
+        HeaderName::from_static("x-amqp-redelivered"),
+        HeaderValue::from_static(if env.redelivered { "true" } else { "false" }),
+    );
+    if let Some(ts) = p.timestamp() {
+        map.insert(
+            HeaderName::from_static("x-amqp-timestamp"),
+            HeaderValue::from(*ts),
+        );
+    }
+    map.insert(
+        HeaderName::from_static("x-amqp-attempt"),
+        HeaderValue::from(env.attempt),
+    );
+    if let Some(table) = p.headers() {
+        app_headers(table, &mut map, &mut skipped);
+    }
+    (map, skipped)
+}
+
+fn put_str(
+    map: &mut HeaderMap,
+    skipped: &mut Vec<Skipped>,
+    name: HeaderName,
+    prop: &str,
+    value: &str,
+) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            map.insert(name, v);
+        }
+        Err(_) => skipped.push(Skipped {
+            name: prop.to_owned(),
+            reason: "value has control characters (CR, LF, ...) or is not visible ASCII",
+        }),
+    }
+}
+
+fn app_headers(table: &FieldTable, map: &mut HeaderMap, skipped: &mut Vec<Skipped>) {
+    for (key, value) in table.inner() {
+        let text = match scalar_text(value) {
+            Some(t) => t,
+            None => {
+                skipped.push(Skipped {
+                    name: key.to_string(),
+                    reason: "value is not a string, number or boolean",
+                });
+                continue;
+            }
+        };
+        let name =
+            match HeaderName::from_bytes(format!("{APP_HEADER_PREFIX}{}", key.as_str()).as_bytes())
+            {
+                Ok(n) => n,
+                Err(_) => {
+                    skipped.push(Skipped {
+                        name: key.to_string(),
+                        reason: "name is not a valid HTTP header name",
+                    });
+                    continue;
+                }
+            };
+        match HeaderValue::from_str(&text) {
+            // from_str accepts only visible ASCII, space and tab: no CR, LF or NUL.
+            Ok(v) => {
+                map.append(name, v);
+            }
+            Err(_) => skipped.push(Skipped {
+                name: key.to_string(),
+                reason: "value has control characters (CR, LF, ...) or is not visible ASCII",
+            }),
+        }
+    }
+}
+
+/// The text of a string, number or boolean value; `None` for anything else.
+fn scalar_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::DecimalValue(d) => {
+            let value = i128::from(d.value);
+            let scale = u32::from(d.scale);
+            if scale == 0 {
+                value.to_string()
+            } else {
+                let div = 10i128.pow(scale);
+                format!(
+                    "{}{}.{:0width$}",
+                    if value < 0 { "-" } else { "" },
+                    (value / div).abs(),
+                    (value % div).abs(),
+                    width = scale as usize
+                )
+            }
+        }
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+        AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::ByteArray(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{LongString, ShortString};
+
+    fn props_with(headers: FieldTable) -> BasicProperties {
+        BasicProperties::default()
+            .with_message_id(ShortString::from("m-1"))
+            .with_timestamp(1_700_000_000)
+            .with_headers(headers)
+    }
+
+    #[test]
+    fn maps_properties_and_headers() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "tenant".into(),
+            AMQPValue::LongString(LongString::from("acme")),
+        );
+        t.insert("n".into(), AMQPValue::LongInt(-4));
+        t.insert("ok".into(), AMQPValue::Boolean(true));
+        t.insert(
+            "nested".into(),
+            AMQPValue::FieldTable(FieldTable::default()),
+        );
+        let p = props_with(t);
+        let (h, skipped) = headers(&Envelope {
+            exchange: "ex",
+            routing_key: "rk",
+            redelivered: true,
+            properties: &p,
+            attempt: 2,
+        });
+        assert_eq!(h["content-type"], "application/octet-stream");
+        assert_eq!(h["x-amqp-message-id"], "m-1");
+        assert_eq!(h["x-amqp-timestamp"], "1700000000");
+        assert_eq!(h["x-amqp-attempt"], "2");
+        assert_eq!(h["x-amqp-redelivered"], "true");
+        assert_eq!(h["x-amqp-header-tenant"], "acme");
+        assert_eq!(h["x-amqp-header-n"], "-4");
+        assert_eq!(h["x-amqp-header-ok"], "true");
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].name, "nested");
+    }
+
+    #[test]
+    fn never_injects_crlf() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "evil".into(),
+            AMQPValue::LongString(LongString::from("a\r\nX-Injected: yes")),
+        );
+        t.insert(
+            "bad name".into(),
+            AMQPValue::LongString(LongString::from("v")),
+        );
+        let p = props_with(t).with_correlation_id(ShortString::from("c\nd"));
+        let (h, skipped) = headers(&Envelope {
+            exchange: "",
+            routing_key: "rk",
+            redelivered: false,
+            properties: &p,
+            attempt: 1,
+        });
+        assert!(h.get("x-injected").is_none());
+        assert!(h.get("x-amqp-header-evil").is_none());
+        assert!(h.get("x-amqp-correlation-id").is_none());
+        let names: Vec<_> = skipped.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["correlation-id", "bad name", "evil"]);
+    }
+
+    #[test]
+    fn decimal_values_render() {
+        use lapin::types::DecimalValue;
+        assert_eq!(
+            scalar_text(&AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 12345
+            }))
+            .as_deref(),
+            Some("123.45")
+        );
+    }
+}

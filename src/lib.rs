@@ -1,0 +1,42 @@
+//! amqp-sidecar: a RabbitMQ consumer-side sidecar.
+//!
+//! It consumes one queue with manual acks and a small prefetch, forwards each delivery over
+//! HTTP to the local worker backend with the shortest queue (fewest requests in flight,
+//! weighted), and settles the delivery by the outcome: ack on success, requeue with backoff
+//! on a retryable failure, dead-letter (with confirms) once the attempts are used up or the
+//! message is rejected. No path drops a message.
+//!
+//! # Layout
+//! - [`config`]: serde structs, defaults, the figment sources (YAML + env) and `validate()`.
+//! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, drain.
+//! - [`amqp`]: the broker side: connection, topology, the consumer task, the dead-letter
+//!   publisher (publisher confirms, deadpool-lapin).
+//! - [`dispatch`]: one delivery's path, and the single `match` from outcome to settlement.
+//! - [`balance`]: in-flight counting (a [`balance::Lease`] guard) and the [`balance::Balance`]
+//!   trait with its strategies.
+//! - [`backend`]: the HTTP client, the request/header mapping, outcome classification.
+//! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and backoff.
+//! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.
+//! - [`metrics`]: metric names, units and help text, in one place.
+//! - [`shutdown`]: signal handling (graceful first signal, forced second).
+//! - [`demo`]: the newcomer's demo: in-process workers, a published batch, a summary.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod amqp;
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod dispatch;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod sidecar;
+
+pub use config::Config;
+pub use sidecar::{Sidecar, SidecarError};
+
+/// Exit code for a configuration error (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: i32 = 78;

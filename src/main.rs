@@ -1,0 +1,121 @@
+//! The `amqp-sidecar` binary: CLI, tracing setup, config loading, signals and exit codes.
+//!
+//! Exit codes: 0 after a clean shutdown; 78 (EX_CONFIG) for a configuration error;
+//! 1 when the sidecar cannot start (e.g. the queue exists with other arguments);
+//! 130 on a forced exit (second signal).
+
+use std::{path::PathBuf, process::ExitCode};
+
+use amqp_sidecar::{Config, EXIT_CONFIG, Sidecar, config::LogFormat};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// RabbitMQ consumer-side sidecar: forwards deliveries to local HTTP workers by shortest
+/// queue, and acks, requeues or dead-letters them by outcome.
+#[derive(Debug, Parser)]
+#[command(name = "amqp-sidecar", version, about)]
+struct Cli {
+    /// YAML config file (also AMQP_SIDECAR_CONFIG). Environment variables
+    /// AMQP_SIDECAR_<SECTION>__<KEY> override it.
+    #[arg(long, short, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run,
+    /// Print the effective config (password redacted) and exit 0, or 78 if it is invalid.
+    CheckConfig,
+    /// Run the demo on the local broker: three in-process workers, a published batch,
+    /// and a summary of what happened.
+    Demo(amqp_sidecar::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Demo(args)) => {
+            init_tracing(LogFormat::Text, "error");
+            return run_async(async move {
+                match amqp_sidecar::demo::run(args).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("demo failed: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            });
+        }
+        Some(Command::CheckConfig) => {
+            return match Config::load(cli.config.as_deref()) {
+                Ok(cfg) => {
+                    println!("{}", cfg.redacted_json());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(&e),
+            };
+        }
+        Some(Command::Run) | None => {}
+    }
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    init_tracing(cfg.log.format, &cfg.log.level);
+    run_async(async move {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = amqp_sidecar::shutdown::install(shutdown.clone()) {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        let sidecar = match Sidecar::bind(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(admin = %sidecar.admin_addr(), "admin server listening");
+        match sidecar.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "stopping");
+                eprintln!("amqp-sidecar: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn config_error(e: &amqp_sidecar::config::ConfigError) -> ExitCode {
+    eprint!("amqp-sidecar: {e}");
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+fn run_async<F: Future<Output = ExitCode>>(f: F) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("amqp-sidecar: cannot start the tokio runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,359 @@
+//! Attempt counting and the backoff between attempts.
+//!
+//! # Attempt counting
+//! - Quorum queues: the broker adds `x-delivery-count` to a redelivered message; the attempt
+//!   is `x-delivery-count + 1` (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
+//!   The count lives in the broker, so it survives sidecar restarts and is shared by every pod.
+//!   On RabbitMQ 3.x every requeue increments it; from 4.x only `basic.reject(requeue)` and
+//!   failed deliveries do, and `basic.nack(requeue)` does not. So the sidecar requeues a failed
+//!   attempt with `basic.reject` (counted on both) and hands back an unattempted delivery
+//!   (shutdown drain) with `basic.nack` (not counted on 4.x; counted on 3.x, a documented
+//!   over-count).
+//! - Where the header is absent (classic queues), the sidecar counts, keyed by message-id, or
+//!   by a hash of the body and identifying properties. The map is bounded in size (LRU) and
+//!   age. Its counts are per process: they reset when the sidecar restarts and each pod keeps
+//!   its own, so a message may get up to `max_attempts` attempts per pod.
+//!
+//! # Backoff
+//! Exponential with full jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture
+//! Blog, 2015): `uniform(0, min(cap, initial × multiplier^(attempt−1)))`. Computed here rather
+//! than with backon, because backon adds its jitter after applying the cap (so its delays can
+//! reach twice the cap). A `Retry-After` header (RFC 9110 §10.2.3) on a 429 or 503 replaces the
+//! computed delay, capped the same way.
+
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    num::NonZeroUsize,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
+
+use lapin::types::AMQPValue;
+use lru::LruCache;
+use rand::Rng;
+
+use crate::config::{QueueType, RetryConfig};
+
+/// Header quorum queues set on redelivered messages.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// Full-jitter exponential backoff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    initial: Duration,
+    multiplier: f64,
+    max: Duration,
+}
+
+impl Backoff {
+    /// From `retry.backoff_initial_ms`, `retry.backoff_multiplier` and `retry.backoff_max_ms`.
+    #[must_use]
+    pub fn new(cfg: &RetryConfig) -> Self {
+        Self {
+            initial: Duration::from_millis(cfg.backoff_initial_ms),
+            multiplier: cfg.backoff_multiplier,
+            max: Duration::from_millis(cfg.backoff_max_ms),
+        }
+    }
+
+    /// The upper bound of the delay after failed attempt `attempt` (1-based), before jitter.
+    #[must_use]
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exp);
+        if secs.is_finite() && secs < self.max.as_secs_f64() {
+            Duration::from_secs_f64(secs)
+        } else {
+            self.max
+        }
+    }
+
+    /// The delay after failed attempt `attempt` (1-based): uniform in `[0, ceiling]`.
+    pub fn delay<R: Rng + ?Sized>(&self, attempt: u32, rng: &mut R) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        if ceiling.is_zero() {
+            return ceiling;
+        }
+        Duration::from_secs_f64(rng.random_range(0.0..=ceiling.as_secs_f64()))
+    }
+
+    /// The delay to use when the backend sent `Retry-After`: that value, capped at the max.
+    #[must_use]
+    pub fn capped(&self, retry_after: Duration) -> Duration {
+        retry_after.min(self.max)
+    }
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+/// A date in the past gives zero. Returns `None` for anything else.
+#[must_use]
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// What the attempt counter needs to know about a delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryIdentity<'a> {
+    /// The `x-delivery-count` header, if present.
+    pub delivery_count: Option<&'a AMQPValue>,
+    /// The delivery's `redelivered` flag.
+    pub redelivered: bool,
+    /// The message-id property.
+    pub message_id: Option<&'a str>,
+    /// Body and identifying properties, hashed when there is no message-id.
+    pub body: &'a [u8],
+    /// Correlation-id property.
+    pub correlation_id: Option<&'a str>,
+    /// Timestamp property.
+    pub timestamp: Option<u64>,
+    /// Routing key of the delivery.
+    pub routing_key: &'a str,
+}
+
+/// The attempt number of one delivery, and the key under which the sidecar tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1-based attempt number of this delivery.
+    pub number: u32,
+    /// The key of the local count, when the sidecar counts (None when the broker does).
+    pub key: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    attempts: u32,
+    seen: Instant,
+}
+
+/// Counts attempts per message (see the module docs for how exact each way is).
+pub struct AttemptCounter {
+    queue_type: QueueType,
+    ttl: Duration,
+    local: Mutex<LruCache<u64, Entry>>,
+}
+
+impl AttemptCounter {
+    /// A counter for a queue of `queue_type`, sized by `retry.attempt_cache_size` and aged by
+    /// `retry.attempt_cache_ttl_ms`.
+    #[must_use]
+    pub fn new(queue_type: QueueType, cfg: &RetryConfig) -> Self {
+        let size = NonZeroUsize::new(cfg.attempt_cache_size).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            queue_type,
+            ttl: Duration::from_millis(cfg.attempt_cache_ttl_ms),
+            local: Mutex::new(LruCache::new(size)),
+        }
+    }
+
+    /// The attempt this delivery is, recording it when the sidecar does the counting.
+    pub fn record(&self, d: &DeliveryIdentity<'_>) -> Attempt {
+        if let Some(count) = d.delivery_count.and_then(as_count) {
+            return Attempt {
+                number: count.saturating_add(1),
+                key: None,
+            };
+        }
+        if self.queue_type == QueueType::Quorum && !d.redelivered {
+            return Attempt {
+                number: 1,
+                key: None,
+            };
+        }
+        let key = identity_key(d);
+        let now = Instant::now();
+        let mut local = self
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let previous = match local.get(&key) {
+            Some(e) if d.redelivered && now.duration_since(e.seen) < self.ttl => e.attempts,
+            // Redelivered, but unknown here: another pod or an earlier process tried it.
+            None if d.redelivered => 1,
+            _ => 0,
+        };
+        let attempts = previous.saturating_add(1);
+        local.put(
+            key,
+            Entry {
+                attempts,
+                seen: now,
+            },
+        );
+        Attempt {
+            number: attempts,
+            key: Some(key),
+        }
+    }
+
+    /// Forgets a message once it is settled for good (acked or dead-lettered).
+    pub fn forget(&self, attempt: &Attempt) {
+        if let Some(key) = attempt.key {
+            self.local
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop(&key);
+        }
+    }
+
+    /// Entries held by the local counter.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// True when the local counter holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn as_count(v: &AMQPValue) -> Option<u32> {
+    let n: i128 = match v {
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        _ => return None,
+    };
+    u32::try_from(n.max(0)).ok()
+}
+
+fn identity_key(d: &DeliveryIdentity<'_>) -> u64 {
+    // DefaultHasher::new() uses fixed keys, so equal messages hash equally within and
+    // across processes of the same build; only this process's map uses the value.
+    let mut h = DefaultHasher::new();
+    if let Some(id) = d.message_id {
+        0u8.hash(&mut h);
+        id.hash(&mut h);
+    } else {
+        1u8.hash(&mut h);
+        d.body.hash(&mut h);
+        d.correlation_id.hash(&mut h);
+        d.timestamp.hash(&mut h);
+        d.routing_key.hash(&mut h);
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    fn cfg() -> RetryConfig {
+        RetryConfig {
+            backoff_initial_ms: 100,
+            backoff_multiplier: 2.0,
+            backoff_max_ms: 1_000,
+            ..RetryConfig::default()
+        }
+    }
+
+    #[test]
+    fn ceiling_grows_then_caps() {
+        let b = Backoff::new(&cfg());
+        let ms: Vec<u128> = (1..=6).map(|a| b.ceiling(a).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn full_jitter_stays_within_bounds_and_spreads() {
+        let b = Backoff::new(&cfg());
+        let mut rng = StdRng::seed_from_u64(7);
+        let delays: Vec<Duration> = (0..1000).map(|_| b.delay(3, &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(100)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("5", now), Some(Duration::from_secs(5)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(
+            Backoff::new(&cfg()).capped(Duration::from_secs(90)),
+            Duration::from_secs(1)
+        );
+    }
+
+    fn ident<'a>(
+        redelivered: bool,
+        count: Option<&'a AMQPValue>,
+        id: Option<&'a str>,
+    ) -> DeliveryIdentity<'a> {
+        DeliveryIdentity {
+            delivery_count: count,
+            redelivered,
+            message_id: id,
+            body: b"body",
+            correlation_id: None,
+            timestamp: None,
+            routing_key: "rk",
+        }
+    }
+
+    #[test]
+    fn broker_count_wins() {
+        let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
+        let v = AMQPValue::LongLongInt(3);
+        assert_eq!(c.record(&ident(true, Some(&v), None)).number, 4);
+        let q = AttemptCounter::new(QueueType::Quorum, &RetryConfig::default());
+        assert_eq!(
+            q.record(&ident(false, None, Some("m"))),
+            Attempt {
+                number: 1,
+                key: None
+            }
+        );
+    }
+
+    #[test]
+    fn local_count_follows_redeliveries_and_resets_on_fresh_delivery() {
+        let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
+        assert_eq!(c.record(&ident(false, None, Some("m"))).number, 1);
+        assert_eq!(c.record(&ident(true, None, Some("m"))).number, 2);
+        let third = c.record(&ident(true, None, Some("m")));
+        assert_eq!(third.number, 3);
+        // A fresh publish with the same id starts over.
+        assert_eq!(c.record(&ident(false, None, Some("m"))).number, 1);
+        c.forget(&third);
+        assert!(c.is_empty());
+        // Redelivered but never seen here: at least the second attempt.
+        assert_eq!(c.record(&ident(true, None, None)).number, 2);
+    }
+
+    #[test]
+    fn local_count_is_bounded() {
+        let c = AttemptCounter::new(
+            QueueType::Classic,
+            &RetryConfig {
+                attempt_cache_size: 10,
+                ..RetryConfig::default()
+            },
+        );
+        for i in 0..100 {
+            let id = i.to_string();
+            c.record(&ident(false, None, Some(&id)));
+        }
+        assert_eq!(c.len(), 10);
+    }
+}

@@ -1,0 +1,428 @@
+//! The supervisor: connect (retrying forever), ensure the topology, run the consumers,
+//! reconnect when the connection or a consumer is lost, and drain on shutdown.
+//!
+//! Recovery is our own loop rather than lapin's `enable_auto_recover`: a lost connection
+//! ends the session, every consumer channel with it, and the next session starts from a new
+//! connection, redeclaring the topology. Deliveries in flight on the old channels are
+//! redelivered by the broker; their late settles return `Ok(false)` and are not counted.
+//! One path handles every kind of loss (closed connection, broker restart, consumer
+//! cancelled by the broker, a channel-level error), which lapin's recovery does not cover
+//! (it does not recover channels closed by soft errors) and which is simple to test.
+//!
+//! Shutdown, after linkerd2-proxy and mini-redis: cancel (stop taking deliveries: basic.cancel
+//! every consumer, release deliveries still waiting for a backend), drain (let requests in
+//! flight finish and settle, within `shutdown.grace_ms`), then settle what is left
+//! (abandon the requests and nack-requeue their deliveries) and close.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use lapin::{Channel, Connection, types::ShortString};
+use rand::Rng;
+use tokio::task::JoinSet;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{AdminServer, Health},
+    amqp::{
+        self,
+        consumer::{Consumer, ConsumerExit},
+        dead_letter::DeadLetterPublisher,
+        topology::{self, TopologyError},
+    },
+    backend::{Backend, Client},
+    balance::{self, Pool},
+    config::{Config, redact_url},
+    dispatch::Dispatcher,
+};
+
+/// How long after the drain deadline abandoned deliveries get to be nack-requeued.
+const SETTLE_AFTER_ABORT: Duration = Duration::from_secs(5);
+
+/// Why the sidecar could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// The topology is wrong in a way retrying cannot fix.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The admin server could not bind.
+    #[error("cannot bind the admin server on {addr}: {source}")]
+    AdminBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP client or a backend could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    /// The dead-letter publisher could not be built.
+    #[error("cannot build the dead-letter publisher: {0}")]
+    DeadLetter(String),
+}
+
+/// Capped exponential reconnect delay with "equal jitter": half fixed, half random, so a
+/// reconnect never spins with a zero delay (Brooker, "Exponential Backoff And Jitter", 2015).
+struct ReconnectDelay {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl ReconnectDelay {
+    fn next(&mut self) -> Duration {
+        let exp = self.failures.min(30);
+        self.failures = self.failures.saturating_add(1);
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << exp.min(20))
+            .min(self.max);
+        let half = ceiling / 2;
+        half + Duration::from_secs_f64(rand::rng().random_range(0.0..=half.as_secs_f64()))
+    }
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// What ended one connection's session.
+enum SessionEnd {
+    /// Shutdown: the connection and consumer channels stay open for the drain.
+    Shutdown(Vec<Channel>),
+    /// Lost the connection or a consumer; reconnect.
+    Lost(String),
+}
+
+/// A configured sidecar with its admin server bound. [`Sidecar::run`] does the work.
+pub struct Sidecar {
+    config: Config,
+    health: Arc<Health>,
+    /// Taken by `run()`.
+    admin: Option<AdminServer>,
+    admin_addr: SocketAddr,
+    dispatcher: Arc<Dispatcher>,
+    /// Per-delivery tasks, across reconnects, so the drain waits for all of them.
+    tracker: TaskTracker,
+    draining: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl Sidecar {
+    /// Installs metrics, binds the admin server and builds the backend pool. Does not
+    /// connect to the broker: [`Sidecar::run`] does, and keeps retrying.
+    ///
+    /// `config` should have passed [`Config::validate`].
+    ///
+    /// # Errors
+    /// [`SidecarError::AdminBind`] when `admin.listen` cannot be bound, and build errors.
+    pub async fn bind(config: Config) -> Result<Self, SidecarError> {
+        let handle = crate::metrics::install();
+        let health = Arc::new(Health::default());
+        let admin = AdminServer::bind(config.admin.listen, handle, Arc::clone(&health))
+            .await
+            .map_err(|source| SidecarError::AdminBind {
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|source| SidecarError::AdminBind {
+                addr: config.admin.listen,
+                source,
+            })?;
+        let backends = config
+            .backends
+            .iter()
+            .map(Backend::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SidecarError::Client(e.to_string()))?;
+        let capacities: Vec<(u32, u32)> = config
+            .backends
+            .iter()
+            .map(|b| (b.max_in_flight, b.weight))
+            .collect();
+        let gauges: Vec<metrics::Gauge> = backends
+            .iter()
+            .map(|b| b.metrics.in_flight.clone())
+            .collect();
+        for g in &gauges {
+            g.set(0.0);
+        }
+        let pool: Arc<Pool> = Pool::new(
+            &capacities,
+            balance::strategy(config.balancer),
+            Box::new(move |i, n| gauges[i].set(f64::from(n))),
+        );
+        health.set_usable_backends(backends.len());
+        let max_idle = config
+            .backends
+            .iter()
+            .map(|b| b.max_in_flight as usize)
+            .max()
+            .unwrap_or(1);
+        let client = Client::new(&config.backend, max_idle)
+            .map_err(|e| SidecarError::Client(e.to_string()))?;
+        let dead_letter = DeadLetterPublisher::new(&config)
+            .map_err(|e| SidecarError::DeadLetter(e.to_string()))?;
+        let draining = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let dispatcher = Arc::new(Dispatcher::new(
+            &config,
+            pool,
+            backends,
+            client,
+            dead_letter,
+            draining.clone(),
+            abort.clone(),
+        ));
+        health.set_expected_consumers(config.consumer_count() as usize);
+        Ok(Self {
+            config,
+            health,
+            admin: Some(admin),
+            admin_addr,
+            dispatcher,
+            tracker: TaskTracker::new(),
+            draining,
+            abort,
+        })
+    }
+
+    /// The admin server's bound address.
+    #[must_use]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The readiness state.
+    #[must_use]
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains and closes.
+    ///
+    /// # Errors
+    /// [`SidecarError::Topology`] when the first topology check fails permanently (a queue
+    /// with other arguments, or a missing queue with `amqp.declare: false`). Later failures,
+    /// and every connection failure, are retried forever.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), SidecarError> {
+        let admin_stop = CancellationToken::new();
+        let admin = self
+            .admin
+            .take()
+            .map(|a| tokio::spawn(a.run(admin_stop.clone())));
+        // Shutdown starts: readiness goes, and deliveries waiting for a backend are released.
+        let watcher = {
+            let (health, draining, shutdown) = (
+                Arc::clone(&self.health),
+                self.draining.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                health.set_draining();
+                draining.cancel();
+            })
+        };
+        let result = self.supervise(&shutdown).await;
+        let outcome = match result {
+            Ok(Some((conn, channels))) => {
+                self.drain().await;
+                for ch in channels {
+                    let _ = ch.close(200, ShortString::from("shutdown")).await;
+                }
+                let _ = conn.close(200, ShortString::from("shutdown")).await;
+                Ok(())
+            }
+            Ok(None) => {
+                self.drain().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        self.dispatcher.dead_letter().close().await;
+        self.health.set_connected(false);
+        self.health.set_consumers(0);
+        watcher.abort();
+        admin_stop.cancel();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+        tracing::info!("stopped");
+        outcome
+    }
+
+    /// Waits for in-flight deliveries within the grace period, then abandons the rest.
+    async fn drain(&self) {
+        self.tracker.close();
+        let grace = Duration::from_millis(self.config.shutdown.grace_ms);
+        let pending = self.tracker.len();
+        if pending > 0 {
+            tracing::info!(
+                in_flight = pending,
+                grace_ms = self.config.shutdown.grace_ms,
+                "draining in-flight deliveries"
+            );
+        }
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unfinished = self.tracker.len(),
+                "shutdown grace period expired; requeueing unfinished deliveries without counting an attempt"
+            );
+            self.abort.cancel();
+            if tokio::time::timeout(SETTLE_AFTER_ABORT, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    unfinished = self.tracker.len(),
+                    "deliveries still unsettled; the broker requeues them when the connection closes"
+                );
+            }
+        }
+    }
+
+    /// Connects and consumes, reconnecting on loss, until shutdown. Returns the open
+    /// connection and consumer channels (for the drain), or `None` if shutdown came while
+    /// disconnected.
+    async fn supervise(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(Connection, Vec<Channel>)>, SidecarError> {
+        let cfg = &self.config;
+        let url = redact_url(&cfg.amqp.url);
+        let mut delay = ReconnectDelay {
+            initial: Duration::from_millis(cfg.amqp.reconnect_initial_ms),
+            max: Duration::from_millis(cfg.amqp.reconnect_max_ms),
+            failures: 0,
+        };
+        let mut sessions = 0u64;
+        let mut attempt = 0u64;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            attempt += 1;
+            let connected = tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                c = amqp::connect(&cfg.amqp.url, "amqp-sidecar") => c,
+            };
+            let conn = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    let wait = delay.next();
+                    let reason = amqp::describe(&e);
+                    tracing::warn!(%url, attempt, error = %reason, retry_in_ms = wait.as_millis() as u64, "cannot connect to the broker");
+                    self.health
+                        .set_error(format!("cannot connect to {url}: {reason}"));
+                    if !sleep_or_shutdown(wait, shutdown).await {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = topology::ensure(&conn, cfg).await {
+                let _ = conn.close(200, ShortString::from("topology error")).await;
+                if e.is_permanent() && sessions == 0 {
+                    return Err(e.into());
+                }
+                let wait = delay.next();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "topology check failed");
+                self.health.set_error(e.to_string());
+                if !sleep_or_shutdown(wait, shutdown).await {
+                    return Ok(None);
+                }
+                continue;
+            }
+            self.health.set_connected(true);
+            if sessions > 0 {
+                crate::metrics::connection_recovered();
+                tracing::info!(%url, "connection recovered; consuming again");
+            }
+            sessions += 1;
+            attempt = 0;
+            match self.consume(&conn, shutdown).await {
+                SessionEnd::Shutdown(channels) => return Ok(Some((conn, channels))),
+                SessionEnd::Lost(reason) => {
+                    self.health.set_connected(false);
+                    self.health.set_error(format!("connection lost: {reason}"));
+                    let _ = conn.close(200, ShortString::from("reconnecting")).await;
+                    let wait = delay.next();
+                    tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "lost the broker connection or a consumer; reconnecting");
+                    delay.reset();
+                    if !sleep_or_shutdown(wait, shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the consumers of one connection until shutdown or the first loss.
+    async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> SessionEnd {
+        let cfg = &self.config;
+        let stop = shutdown.child_token();
+        let n = cfg.consumer_count() as usize;
+        let mut set = JoinSet::new();
+        let mut channels = Vec::with_capacity(n);
+        for i in 0..n {
+            let opened = Consumer::open(
+                conn,
+                i,
+                &cfg.amqp.queue,
+                cfg.amqp.prefetch,
+                Arc::clone(&self.dispatcher),
+                self.tracker.clone(),
+                stop.clone(),
+            )
+            .await;
+            match opened {
+                Ok(c) => {
+                    channels.push(c.channel());
+                    set.spawn(c.run());
+                }
+                Err(e) => {
+                    stop.cancel();
+                    while set.join_next().await.is_some() {}
+                    return SessionEnd::Lost(format!(
+                        "opening consumer {i}: {}",
+                        amqp::describe(&e)
+                    ));
+                }
+            }
+        }
+        self.health.set_consumers(n);
+        tracing::info!(consumers = n, prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
+        let first = tokio::select! {
+            () = shutdown.cancelled() => None,
+            r = set.join_next() => r,
+        };
+        stop.cancel();
+        while set.join_next().await.is_some() {}
+        self.health.set_consumers(0);
+        match first {
+            None => SessionEnd::Shutdown(channels),
+            Some(Ok(ConsumerExit::Stopped)) if shutdown.is_cancelled() => {
+                SessionEnd::Shutdown(channels)
+            }
+            Some(Ok(ConsumerExit::CancelledByBroker)) => {
+                SessionEnd::Lost("consumer cancelled by the broker".into())
+            }
+            Some(Ok(ConsumerExit::Failed(reason))) => SessionEnd::Lost(reason),
+            Some(Ok(ConsumerExit::Stopped)) => SessionEnd::Lost("consumer stopped".into()),
+            Some(Err(e)) => SessionEnd::Lost(format!("consumer task failed: {e}")),
+        }
+    }
+}
+
+/// Sleeps `d`; returns false if shutdown came first.
+async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
