@@ -527,7 +527,22 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let env_file = env(ENV_CONFIG_FILE).filter(|s| !s.is_empty());
-        let file = file.map(Path::to_path_buf).or(env_file.map(Into::into));
+        let (file, named_by) = match (file, env_file) {
+            (Some(f), _) => (Some(f.to_path_buf()), "--config"),
+            (None, Some(f)) => (Some(f.into()), ENV_CONFIG_FILE),
+            (None, None) => (None, ""),
+        };
+        if let Some(path) = &file
+            && !path.is_file()
+        {
+            return Err(ConfigError {
+                issues: vec![ConfigIssue {
+                    key: named_by.to_owned(),
+                    source: if named_by == "--config" { "command line".into() } else { format!("env {ENV_CONFIG_FILE}") },
+                    message: format!("config file {} does not exist or is not a file", path.display()),
+                }],
+            });
+        }
         let fig = figment(file.as_deref(), env);
         let config: Config = fig.extract().map_err(|err| ConfigError {
             issues: err
@@ -552,7 +567,12 @@ impl Config {
         })?;
         config.validate_with(&|key: &str| {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            describe_source(fig.find_metadata(key), &path)
+            // figment finds no metadata for list elements (`backends.1.url`): fall back to the
+            // nearest parent that has some.
+            let md = (1..=path.len())
+                .rev()
+                .find_map(|n| fig.find_metadata(&path[..n].join(".")));
+            describe_source(md, &path)
         })
     }
 

@@ -1,0 +1,143 @@
+//! Configuration errors: exit 78 naming the key and its source; check-config redacts the
+//! password; topology mismatches stop the sidecar with a message that says how to fix them.
+
+mod support;
+
+use std::process::Command;
+
+use amqp_sidecar::{SidecarError, amqp::topology::TopologyError, config::QueueType};
+use support::*;
+
+fn sidecar_cmd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_amqp-sidecar"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AMQP_SIDECAR_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn bad_env_value_exits_78_naming_key_and_variable() {
+    let out = sidecar_cmd()
+        .arg("check-config")
+        .env("AMQP_SIDECAR_AMQP__QUEUE", "orders")
+        .env("AMQP_SIDECAR_AMQP__PREFETCH", "0")
+        .env("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("amqp.prefetch"), "{stderr}");
+    assert!(stderr.contains("AMQP_SIDECAR_AMQP__PREFETCH"), "{stderr}");
+}
+
+#[test]
+fn run_with_bad_config_exits_78_before_connecting() {
+    let dir = std::env::temp_dir().join(support::unique("cfg"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("sidecar.yaml");
+    std::fs::write(
+        &file,
+        "amqp:\n  queue: orders\n  prefetch_count: 3\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n",
+    )
+    .expect("write");
+    let out = sidecar_cmd().arg("--config").arg(&file).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("amqp.prefetch_count"), "unknown key named: {stderr}");
+    assert!(stderr.contains(&file.display().to_string()), "source named: {stderr}");
+
+    std::fs::write(&file, "amqp:\n  queue: orders\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n")
+        .expect("write");
+    let out = sidecar_cmd().arg("--config").arg(&file).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("backends[0].url"), "{stderr}");
+    assert!(stderr.contains("backends[0].max_in_flight"), "{stderr}");
+
+    let out = sidecar_cmd()
+        .env("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("amqp.queue"), "missing queue named: {stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_config_prints_effective_config_without_the_password() {
+    let out = sidecar_cmd()
+        .arg("check-config")
+        .env("AMQP_SIDECAR_AMQP__URL", "amqps://app:hunter2-secret@rabbit.example:5671/prod")
+        .env("AMQP_SIDECAR_AMQP__QUEUE", "12345")
+        .env("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/a, http://127.0.0.1:8081/b")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("hunter2"), "password leaked: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(v["amqp"]["url"], "amqps://app:***@rabbit.example:5671/prod");
+    assert_eq!(v["amqp"]["queue"], "12345", "a numeric env value is accepted for a string key");
+    assert_eq!(v["backends"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["backends"][1]["url"], "http://127.0.0.1:8081/b");
+    assert_eq!(v["backends"][1]["max_in_flight"], 1);
+}
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_stops_with_a_fix() {
+    let conn = broker().await;
+    let queue = unique("mismatch");
+    let worker = Worker::builder().spawn().await;
+    let mut classic = config(&queue, vec![backend(&worker, 1)]);
+    classic.amqp.queue_type = QueueType::Classic;
+    declare(&conn, &classic).await;
+    let mut quorum = classic.clone();
+    quorum.amqp.queue_type = QueueType::Quorum;
+    let err = start_unready(quorum.clone()).await.stop_result_soon().await;
+    match &err {
+        Err(SidecarError::Topology(TopologyError::Mismatch { name, argument, .. })) => {
+            assert_eq!(name, &queue);
+            assert_eq!(argument, "x-queue-type");
+        }
+        other => panic!("expected a mismatch error, got {other:?}"),
+    }
+    let text = err.expect_err("error").to_string();
+    assert!(text.contains(&queue) && text.contains("x-queue-type") && text.contains("amqp.declare: false"), "{text}");
+    cleanup(&conn, &classic).await;
+}
+
+#[tokio::test]
+async fn declare_false_and_a_missing_queue_stops_with_a_fix() {
+    let queue = unique("missing");
+    let worker = Worker::builder().spawn().await;
+    let mut cfg = config(&queue, vec![backend(&worker, 1)]);
+    cfg.amqp.declare = false;
+    let _ = broker().await;
+    let err = start_unready(cfg).await.stop_result_soon().await;
+    match err {
+        Err(SidecarError::Topology(e @ TopologyError::Missing { .. })) => {
+            let text = e.to_string();
+            assert!(text.contains(&queue) && text.contains("amqp.declare: true"), "{text}");
+        }
+        other => panic!("expected a missing-queue error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let out = sidecar_cmd()
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml"))
+        .arg("check-config")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["amqp"]["queue"], "orders");
+    assert_eq!(v["backends"][0]["max_in_flight"], 4);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("guest:guest"), "password redacted");
+}

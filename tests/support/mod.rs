@@ -1,0 +1,480 @@
+//! Test support: the broker, unique queue names, scripted HTTP workers, and an in-process
+//! sidecar. Every test uses its own queues and deletes them at the end.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use amqp_sidecar::{
+    Config, Sidecar, SidecarError,
+    config::{BackendConfig, QueueType},
+};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties,
+    message::BasicGetMessage,
+    options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio::{sync::Notify, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// The broker the tests use: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Connects to the test broker, or fails the test saying how to start one.
+pub async fn broker() -> Connection {
+    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot reach RabbitMQ at {} ({e}).\nThese tests need a real broker. Start one with\n  \
+             rabbitmq-server -detached && rabbitmqctl await_startup\nor `docker compose up -d rabbitmq`, \
+             or point AMQP_URL at one.",
+            amqp_sidecar::config::redact_url(&amqp_url())
+        ),
+    }
+}
+
+/// A queue name no other test (or test run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0) % 1_000_000_000;
+    format!(
+        "test-{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A config for `queue` with the given backends, fast backoff, and an ephemeral admin port.
+pub fn config(queue: &str, backends: Vec<BackendConfig>) -> Config {
+    let mut c = Config::default();
+    c.amqp.url = amqp_url();
+    c.amqp.queue = queue.to_owned();
+    c.backends = backends;
+    c.retry.backoff_initial_ms = 10;
+    c.retry.backoff_max_ms = 50;
+    c.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.shutdown.grace_ms = 5_000;
+    c
+}
+
+/// A backend for `worker` with `max_in_flight`.
+pub fn backend(worker: &Worker, max_in_flight: u32) -> BackendConfig {
+    BackendConfig {
+        max_in_flight,
+        timeout_ms: 5_000,
+        ..BackendConfig::new(worker.url())
+    }
+}
+
+/// Declares the sidecar's topology for `cfg` (so messages can be published before it starts).
+pub async fn declare(conn: &Connection, cfg: &Config) {
+    amqp_sidecar::amqp::topology::ensure(conn, cfg).await.expect("declare topology");
+}
+
+/// Publishes with confirms; `props` gets delivery mode 2 unless set.
+pub async fn publish(conn: &Connection, queue: &str, body: &[u8], props: BasicProperties) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm_select");
+    let props = if props.delivery_mode().is_none() { props.with_delivery_mode(2) } else { props };
+    let confirm = ch
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(matches!(confirm.await.expect("confirm"), lapin::Confirmation::Ack(None)));
+    let _ = ch.close(200, ShortString::from("done")).await;
+}
+
+/// Publishes `n` messages with ids `m-0`, `m-1`, ... and bodies `body-<i>`.
+pub async fn publish_n(conn: &Connection, queue: &str, n: usize) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm_select");
+    let mut confirms = Vec::with_capacity(n);
+    for i in 0..n {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(format!("m-{i}")));
+        confirms.push(
+            ch.basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                format!("body-{i}").as_bytes(),
+                props,
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.expect("confirm"), lapin::Confirmation::Ack(None)));
+    }
+    let _ = ch.close(200, ShortString::from("done")).await;
+}
+
+/// Messages ready in `queue`, read live with a passive declare.
+pub async fn ready(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = ch.close(200, ShortString::from("done")).await;
+    q.message_count()
+}
+
+/// Takes (and acks) every message in `queue`.
+pub async fn take_all(conn: &Connection, queue: &str) -> Vec<BasicGetMessage> {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic_get")
+    {
+        m.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        out.push(m);
+    }
+    let _ = ch.close(200, ShortString::from("done")).await;
+    out
+}
+
+/// Deletes the queue, the DLQ and the DLX of `cfg`.
+pub async fn cleanup(conn: &Connection, cfg: &Config) {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = &cfg.amqp.queue;
+    for name in [q.clone(), cfg.dead_letter.queue_for(q)] {
+        let _ = ch.queue_delete(ShortString::from(name), QueueDeleteOptions::default()).await;
+    }
+    let _ = ch
+        .exchange_delete(ShortString::from(cfg.dead_letter.exchange_for(q)), ExchangeDeleteOptions::default())
+        .await;
+    let _ = ch.close(200, ShortString::from("done")).await;
+}
+
+/// Waits until `check` holds, polling every 20 ms; fails the test with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A header as text, from an AMQP table.
+pub fn header_text(table: &FieldTable, key: &str) -> Option<String> {
+    match table.inner().get(&ShortString::from(key))? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// One request a worker received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What a worker answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self { status, headers: Vec::new() }
+    }
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+type Script = Arc<dyn Fn(&Recorded, usize) -> Reply + Send + Sync>;
+
+#[derive(Default)]
+struct WorkerState {
+    requests: Mutex<Vec<Recorded>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Builds a scripted worker.
+pub struct WorkerBuilder {
+    latency: Duration,
+    script: Script,
+    gate: Option<Arc<Gate>>,
+    health: u16,
+}
+
+/// Holds requests until opened.
+#[derive(Default)]
+pub struct Gate {
+    open: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+    async fn pass(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.open.load(Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Sleep this long before answering.
+    pub fn latency(mut self, d: Duration) -> Self {
+        self.latency = d;
+        self
+    }
+    /// Answer with `f(request, index)`; index is 0-based over all requests.
+    pub fn respond(mut self, f: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static) -> Self {
+        self.script = Arc::new(f);
+        self
+    }
+    /// Hold every request until the gate opens.
+    pub fn gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+    /// Starts the worker on 127.0.0.1:0.
+    pub async fn spawn(self) -> Worker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(WorkerState::default());
+        let app_state = (Arc::clone(&state), self.script, self.latency, self.gate);
+        let app = Router::new()
+            .route("/", post(handle))
+            .route("/healthz", get(move || async move { StatusCode::from_u16(self.health).unwrap_or(StatusCode::OK) }))
+            .with_state(app_state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Worker { addr, state, task }
+    }
+}
+
+type AppState = (Arc<WorkerState>, Script, Duration, Option<Arc<Gate>>);
+
+async fn handle(State((state, script, latency, gate)): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let rec = Recorded {
+        headers,
+        body,
+        at: Instant::now(),
+    };
+    let index = {
+        let mut r = state.requests.lock().expect("lock");
+        r.push(rec.clone());
+        r.len() - 1
+    };
+    // Decrement even if the sidecar gives up on the request and the future is dropped.
+    struct Done(Arc<WorkerState>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(Arc::clone(&state));
+    if let Some(g) = gate {
+        g.pass().await;
+    }
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let reply = script(&rec, index);
+    let mut resp = (StatusCode::from_u16(reply.status).expect("status"), "worker says hi").into_response();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_str(&v).expect("value"));
+    }
+    resp
+}
+
+/// A running scripted worker.
+pub struct Worker {
+    pub addr: SocketAddr,
+    state: Arc<WorkerState>,
+    task: JoinHandle<()>,
+}
+
+impl Worker {
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder {
+            latency: Duration::ZERO,
+            script: Arc::new(|_, _| Reply::status(200)),
+            gate: None,
+            health: 200,
+        }
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().expect("lock").len()
+    }
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().expect("lock").clone()
+    }
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+    /// Stops accepting connections (the port then refuses).
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+/// A sidecar running in this process.
+pub struct Running {
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), SidecarError>>,
+}
+
+/// Starts a sidecar for `cfg` and waits until /readyz says it is ready.
+pub async fn start(cfg: Config) -> Running {
+    let running = start_unready(cfg).await;
+    let url = format!("http://{}/readyz", running.admin);
+    wait_until("sidecar ready", Duration::from_secs(20), || async {
+        http().get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    running
+}
+
+/// Starts a sidecar for `cfg` without waiting for readiness.
+pub async fn start_unready(cfg: Config) -> Running {
+    let cfg = cfg.validate().expect("valid test config");
+    let sidecar = Sidecar::bind(cfg).await.expect("bind sidecar");
+    let admin = sidecar.admin_addr();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(sidecar.run(stop.clone()));
+    Running { admin, stop, handle }
+}
+
+impl Running {
+    /// Graceful shutdown; returns the sidecar's result.
+    pub async fn stop(self) -> Result<(), SidecarError> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("sidecar stops within 30 s")
+            .expect("sidecar task")
+    }
+    /// The /metrics text.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("body")
+    }
+    /// The sum of the samples of `name` whose label set contains every `labels` pair.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics().await, name, labels)
+    }
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// The sum of the samples of `name` whose label set contains every `labels` pair.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An HTTP client that never uses a proxy.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().expect("client")
+}
+
+/// Shorthand for both queue types.
+pub const QUEUE_TYPES: [QueueType; 2] = [QueueType::Quorum, QueueType::Classic];
+
+impl Running {
+    /// Waits (up to 20 s) for the sidecar to stop on its own and returns its result.
+    pub async fn stop_result_soon(self) -> Result<(), SidecarError> {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), self.handle).await {
+            Ok(r) => r.expect("sidecar task"),
+            Err(_) => {
+                self.stop.cancel();
+                panic!("the sidecar did not stop on its own");
+            }
+        }
+    }
+}
