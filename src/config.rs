@@ -38,6 +38,8 @@ pub struct Config {
     pub balancer: BalancerKind,
     /// Limits that apply to every backend request.
     pub backend: BackendLimits,
+    /// Passive ejection of backends that keep failing (outlier detection).
+    pub ejection: EjectionConfig,
     /// Attempt limit and backoff between attempts.
     pub retry: RetryConfig,
     /// Where messages go once they cannot be processed.
@@ -57,6 +59,7 @@ impl Default for Config {
             backends: Vec::new(),
             balancer: BalancerKind::LeastInFlight,
             backend: BackendLimits::default(),
+            ejection: EjectionConfig::default(),
             retry: RetryConfig::default(),
             dead_letter: DeadLetterConfig::default(),
             admin: AdminConfig::default(),
@@ -225,6 +228,35 @@ impl Default for BackendLimits {
             max_body_bytes: 16 * 1024 * 1024,
             max_response_bytes: 64 * 1024,
             connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Passive ejection, or outlier detection (`ejection:`): a backend that fails
+/// `consecutive_failures` times in a row (retryable failures: 5xx, 408, 429, timeouts,
+/// refused or reset connections) takes no requests for `base_ms × times ejected`, capped at
+/// `max_ms`. After Envoy's outlier detection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EjectionConfig {
+    /// Retryable failures in a row that eject a backend; 0 turns ejection off. Default 5.
+    pub consecutive_failures: u32,
+    /// Ejection time per ejection so far, in ms. Default 10000.
+    pub base_ms: u64,
+    /// Cap on the ejection time, in ms. Default 300000.
+    pub max_ms: u64,
+    /// Most backends ejected at once, as a percentage of all (rounded down), so a lone
+    /// backend is never ejected. Default 50.
+    pub max_percent: u8,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ms: 10_000,
+            max_ms: 300_000,
+            max_percent: 50,
         }
     }
 }
@@ -538,8 +570,15 @@ impl Config {
             return Err(ConfigError {
                 issues: vec![ConfigIssue {
                     key: named_by.to_owned(),
-                    source: if named_by == "--config" { "command line".into() } else { format!("env {ENV_CONFIG_FILE}") },
-                    message: format!("config file {} does not exist or is not a file", path.display()),
+                    source: if named_by == "--config" {
+                        "command line".into()
+                    } else {
+                        format!("env {ENV_CONFIG_FILE}")
+                    },
+                    message: format!(
+                        "config file {} does not exist or is not a file",
+                        path.display()
+                    ),
                 }],
             });
         }
@@ -754,6 +793,20 @@ impl Config {
                 "dead_letter.confirm_timeout_ms".into(),
                 "dead_letter.confirm_timeout_ms",
                 "must be at least 1 ms".into(),
+            );
+        }
+        if self.ejection.max_percent > 100 {
+            bad(
+                "ejection.max_percent".into(),
+                "ejection.max_percent",
+                "must be between 0 and 100".into(),
+            );
+        }
+        if self.ejection.base_ms > self.ejection.max_ms {
+            bad(
+                "ejection.base_ms".into(),
+                "ejection.base_ms",
+                format!("must not exceed ejection.max_ms ({})", self.ejection.max_ms),
             );
         }
         if self.backend.max_body_bytes == 0 {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     amqp::dead_letter::{DeadLetterPublisher, Failure, Reason},
     backend::{Backend, BackendError, Client, request},
-    balance::Pool,
+    balance::{Health, Pool},
     config::Config,
     metrics::QueueMetrics,
     retry::{Attempt, AttemptCounter, Backoff, DELIVERY_COUNT_HEADER, DeliveryIdentity},
@@ -210,6 +210,11 @@ impl Dispatcher {
             r = self.client.post(backend, headers, body) => r.map(|_| ()),
         };
         drop(lease);
+        let health = match &result {
+            Err(e) if e.is_retryable() => Health::Failed,
+            _ => Health::Answered,
+        };
+        self.pool.report(index, health);
         Attempted::Response {
             backend: index,
             result,
@@ -305,6 +310,7 @@ impl Dispatcher {
                 }
             }
             Verdict::Release => {
+                self.counter.unrecord(attempt);
                 let options = BasicNackOptions {
                     multiple: false,
                     requeue: true,

@@ -35,6 +35,12 @@ pub const BACKEND_REQUESTS: &str = "amqp_sidecar_backend_requests_total";
 pub const BACKEND_DURATION: &str = "amqp_sidecar_backend_request_duration_seconds";
 /// Gauge: requests in flight to a backend (its queue length), by `backend`.
 pub const BACKEND_IN_FLIGHT: &str = "amqp_sidecar_backend_in_flight";
+/// Gauge: 1 while the backend passes its active health checks (always 1 without checks), by `backend`.
+pub const BACKEND_HEALTHY: &str = "amqp_sidecar_backend_healthy";
+/// Counter: passive ejections of a backend, by `backend`.
+pub const BACKEND_EJECTIONS: &str = "amqp_sidecar_backend_ejections_total";
+/// Gauge: 1 while consumption is paused because no backend is usable.
+pub const PAUSED: &str = "amqp_sidecar_paused";
 /// Gauge: 1 while connected to the broker.
 pub const CONNECTED: &str = "amqp_sidecar_connected";
 /// Gauge: consumers currently subscribed.
@@ -213,6 +219,10 @@ pub struct BackendMetrics {
     pub duration: Histogram,
     /// [`BACKEND_IN_FLIGHT`].
     pub in_flight: Gauge,
+    /// [`BACKEND_HEALTHY`].
+    pub healthy: Gauge,
+    /// [`BACKEND_EJECTIONS`].
+    pub ejections: Counter,
 }
 
 impl BackendMetrics {
@@ -224,7 +234,9 @@ impl BackendMetrics {
             requests: OUTCOMES
                 .map(|o| counter!(BACKEND_REQUESTS, "backend" => b.clone(), "outcome" => o)),
             duration: histogram!(BACKEND_DURATION, "backend" => b.clone()),
-            in_flight: gauge!(BACKEND_IN_FLIGHT, "backend" => b),
+            in_flight: gauge!(BACKEND_IN_FLIGHT, "backend" => b.clone()),
+            healthy: gauge!(BACKEND_HEALTHY, "backend" => b.clone()),
+            ejections: counter!(BACKEND_EJECTIONS, "backend" => b),
         }
     }
 
@@ -243,6 +255,11 @@ pub fn set_connected(up: bool) {
 /// Sets [`CONSUMERS`].
 pub fn set_consumers(n: usize) {
     gauge!(CONSUMERS).set(n as f64);
+}
+
+/// Sets [`PAUSED`].
+pub fn set_paused(paused: bool) {
+    gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
 /// Increments [`CONNECTION_RECOVERIES`].

@@ -12,7 +12,8 @@
 //! - Where the header is absent (classic queues), the sidecar counts, keyed by message-id, or
 //!   by a hash of the body and identifying properties. The map is bounded in size (LRU) and
 //!   age. Its counts are per process: they reset when the sidecar restarts and each pod keeps
-//!   its own, so a message may get up to `max_attempts` attempts per pod.
+//!   its own, so a message may get up to `max_attempts` attempts per pod. A redelivery this
+//!   process has not seen starts at 1.
 //!
 //! # Backoff
 //! Exponential with full jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture
@@ -170,10 +171,12 @@ impl AttemptCounter {
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A first delivery starts over even if the id is known (a new message reusing an id).
+        // A redelivery unknown here (another pod, an earlier process, or a release on
+        // shutdown) starts at 1 too: this process cannot know, and the worker still sees
+        // X-Amqp-Redelivered.
         let previous = match local.get(&key) {
             Some(e) if d.redelivered && now.duration_since(e.seen) < self.ttl => e.attempts,
-            // Redelivered, but unknown here: another pod or an earlier process tried it.
-            None if d.redelivered => 1,
             _ => 0,
         };
         let attempts = previous.saturating_add(1);
@@ -197,6 +200,24 @@ impl AttemptCounter {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .pop(&key);
+        }
+    }
+
+    /// Takes back the attempt recorded for a delivery that was handed back without being
+    /// attempted (a release on shutdown), so its redelivery is not counted twice.
+    pub fn unrecord(&self, attempt: &Attempt) {
+        if let Some(key) = attempt.key {
+            let mut local = self
+                .local
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match local.get_mut(&key) {
+                Some(e) if e.attempts > 1 => e.attempts -= 1,
+                Some(_) => {
+                    local.pop(&key);
+                }
+                None => {}
+            }
         }
     }
 
@@ -337,7 +358,12 @@ mod tests {
         assert_eq!(c.record(&ident(false, None, Some("m"))).number, 1);
         c.forget(&third);
         assert!(c.is_empty());
-        // Redelivered but never seen here: at least the second attempt.
+        // Redelivered but never seen here: this process starts at 1.
+        assert_eq!(c.record(&ident(true, None, None)).number, 1);
+        // A release takes the attempt back.
+        let second = c.record(&ident(true, None, None));
+        assert_eq!(second.number, 2);
+        c.unrecord(&second);
         assert_eq!(c.record(&ident(true, None, None)).number, 2);
     }
 

@@ -30,7 +30,7 @@ use crate::{
         topology::{self, TopologyError},
     },
     backend::{Backend, Client},
-    balance::{self, Pool},
+    balance::{self, Hooks, Pool},
     config::{Config, redact_url},
     dispatch::Dispatcher,
 };
@@ -141,17 +141,27 @@ impl Sidecar {
             .iter()
             .map(|b| (b.max_in_flight, b.weight))
             .collect();
-        let gauges: Vec<metrics::Gauge> = backends
-            .iter()
-            .map(|b| b.metrics.in_flight.clone())
-            .collect();
-        for g in &gauges {
-            g.set(0.0);
+        let handles: Vec<crate::metrics::BackendMetrics> =
+            backends.iter().map(|b| b.metrics.clone()).collect();
+        for h in &handles {
+            h.in_flight.set(0.0);
+            h.healthy.set(1.0);
+            h.ejections.increment(0);
         }
+        let labels: Vec<String> = backends.iter().map(|b| b.label.clone()).collect();
+        let ejected_handles = handles.clone();
+        let hooks = Hooks {
+            in_flight: Box::new(move |i, n| handles[i].in_flight.set(f64::from(n))),
+            ejected: Box::new(move |i, d| {
+                ejected_handles[i].ejections.increment(1);
+                tracing::warn!(backend = %labels[i], ejected_for_ms = d.as_millis() as u64, "backend ejected after consecutive failures");
+            }),
+        };
         let pool: Arc<Pool> = Pool::new(
             &capacities,
             balance::strategy(config.balancer),
-            Box::new(move |i, n| gauges[i].set(f64::from(n))),
+            config.ejection.clone(),
+            hooks,
         );
         health.set_usable_backends(backends.len());
         let max_idle = config

@@ -43,15 +43,32 @@ fn run_with_bad_config_exits_78_before_connecting() {
         "amqp:\n  queue: orders\n  prefetch_count: 3\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n",
     )
     .expect("write");
-    let out = sidecar_cmd().arg("--config").arg(&file).output().expect("run");
+    let out = sidecar_cmd()
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("amqp.prefetch_count"), "unknown key named: {stderr}");
-    assert!(stderr.contains(&file.display().to_string()), "source named: {stderr}");
+    assert!(
+        stderr.contains("amqp.prefetch_count"),
+        "unknown key named: {stderr}"
+    );
+    assert!(
+        stderr.contains(&file.display().to_string()),
+        "source named: {stderr}"
+    );
 
-    std::fs::write(&file, "amqp:\n  queue: orders\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n")
-        .expect("write");
-    let out = sidecar_cmd().arg("--config").arg(&file).output().expect("run");
+    std::fs::write(
+        &file,
+        "amqp:\n  queue: orders\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n",
+    )
+    .expect("write");
+    let out = sidecar_cmd()
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("backends[0].url"), "{stderr}");
@@ -63,7 +80,10 @@ fn run_with_bad_config_exits_78_before_connecting() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("amqp.queue"), "missing queue named: {stderr}");
+    assert!(
+        stderr.contains("amqp.queue"),
+        "missing queue named: {stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -71,17 +91,31 @@ fn run_with_bad_config_exits_78_before_connecting() {
 fn check_config_prints_effective_config_without_the_password() {
     let out = sidecar_cmd()
         .arg("check-config")
-        .env("AMQP_SIDECAR_AMQP__URL", "amqps://app:hunter2-secret@rabbit.example:5671/prod")
+        .env(
+            "AMQP_SIDECAR_AMQP__URL",
+            "amqps://app:hunter2-secret@rabbit.example:5671/prod",
+        )
         .env("AMQP_SIDECAR_AMQP__QUEUE", "12345")
-        .env("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/a, http://127.0.0.1:8081/b")
+        .env(
+            "AMQP_SIDECAR_BACKENDS",
+            "http://127.0.0.1:8080/a, http://127.0.0.1:8081/b",
+        )
         .output()
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains("hunter2"), "password leaked: {stdout}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(v["amqp"]["url"], "amqps://app:***@rabbit.example:5671/prod");
-    assert_eq!(v["amqp"]["queue"], "12345", "a numeric env value is accepted for a string key");
+    assert_eq!(
+        v["amqp"]["queue"], "12345",
+        "a numeric env value is accepted for a string key"
+    );
     assert_eq!(v["backends"].as_array().map(Vec::len), Some(2));
     assert_eq!(v["backends"][1]["url"], "http://127.0.0.1:8081/b");
     assert_eq!(v["backends"][1]["max_in_flight"], 1);
@@ -106,7 +140,12 @@ async fn a_queue_declared_with_other_arguments_stops_with_a_fix() {
         other => panic!("expected a mismatch error, got {other:?}"),
     }
     let text = err.expect_err("error").to_string();
-    assert!(text.contains(&queue) && text.contains("x-queue-type") && text.contains("amqp.declare: false"), "{text}");
+    assert!(
+        text.contains(&queue)
+            && text.contains("x-queue-type")
+            && text.contains("amqp.declare: false"),
+        "{text}"
+    );
     cleanup(&conn, &classic).await;
 }
 
@@ -121,7 +160,10 @@ async fn declare_false_and_a_missing_queue_stops_with_a_fix() {
     match err {
         Err(SidecarError::Topology(e @ TopologyError::Missing { .. })) => {
             let text = e.to_string();
-            assert!(text.contains(&queue) && text.contains("amqp.declare: true"), "{text}");
+            assert!(
+                text.contains(&queue) && text.contains("amqp.declare: true"),
+                "{text}"
+            );
         }
         other => panic!("expected a missing-queue error, got {other:?}"),
     }
@@ -135,9 +177,17 @@ fn the_example_config_is_valid() {
         .arg("check-config")
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["amqp"]["queue"], "orders");
     assert_eq!(v["backends"][0]["max_in_flight"], 4);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("guest:guest"), "password redacted");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("guest:guest"),
+        "password redacted"
+    );
 }

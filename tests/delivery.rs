@@ -17,9 +17,18 @@ async fn every_message_is_delivered_once_and_acked() {
     let conn = broker().await;
     let queue = unique("once");
     let workers = [
-        Worker::builder().latency(Duration::from_millis(1)).spawn().await,
-        Worker::builder().latency(Duration::from_millis(3)).spawn().await,
-        Worker::builder().latency(Duration::from_millis(5)).spawn().await,
+        Worker::builder()
+            .latency(Duration::from_millis(1))
+            .spawn()
+            .await,
+        Worker::builder()
+            .latency(Duration::from_millis(3))
+            .spawn()
+            .await,
+        Worker::builder()
+            .latency(Duration::from_millis(5))
+            .spawn()
+            .await,
     ];
     let cfg = config(&queue, workers.iter().map(|w| backend(w, 2)).collect());
     declare(&conn, &cfg).await;
@@ -27,27 +36,44 @@ async fn every_message_is_delivered_once_and_acked() {
     publish_n(&conn, &queue, N).await;
     let sidecar = start(cfg.clone()).await;
     wait_until("all acked", Duration::from_secs(60), || async {
-        sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await >= N as f64
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await
+            >= N as f64
     })
     .await;
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     for w in &workers {
         for r in w.requests() {
-            *seen.entry(r.header("x-amqp-message-id").expect("message id").to_owned()).or_default() += 1;
+            *seen
+                .entry(
+                    r.header("x-amqp-message-id")
+                        .expect("message id")
+                        .to_owned(),
+                )
+                .or_default() += 1;
             assert_eq!(r.header("x-amqp-attempt"), Some("1"));
             assert_eq!(r.header("content-type"), Some("application/octet-stream"));
             assert_eq!(r.header("x-amqp-routing-key"), Some(queue.as_str()));
         }
     }
     assert_eq!(seen.len(), N, "every message reached a backend");
-    assert!(seen.values().all(|&n| n == 1), "no message was delivered twice");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "no message was delivered twice"
+    );
     for w in &workers {
         assert!(w.count() > 0, "every backend got work");
     }
     assert_eq!(ready(&conn, &queue).await, 0);
     assert_eq!(ready(&conn, &cfg.dead_letter.queue_for(&queue)).await, 0);
-    assert_eq!(sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await, N as f64);
+    assert_eq!(
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await,
+        N as f64
+    );
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }
@@ -60,14 +86,23 @@ async fn request_carries_amqp_properties_and_never_injects_crlf() {
     let cfg = config(&queue, vec![backend(&worker, 1)]);
     declare(&conn, &cfg).await;
     let mut headers = FieldTable::default();
-    headers.insert(ShortString::from("tenant"), AMQPValue::LongString(LongString::from("acme")));
-    headers.insert(ShortString::from("priority-score"), AMQPValue::LongLongInt(42));
+    headers.insert(
+        ShortString::from("tenant"),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
+    headers.insert(
+        ShortString::from("priority-score"),
+        AMQPValue::LongLongInt(42),
+    );
     headers.insert(ShortString::from("urgent"), AMQPValue::Boolean(true));
     headers.insert(
         ShortString::from("evil"),
         AMQPValue::LongString(LongString::from("x\r\nX-Injected: yes")),
     );
-    headers.insert(ShortString::from("nested"), AMQPValue::FieldTable(FieldTable::default()));
+    headers.insert(
+        ShortString::from("nested"),
+        AMQPValue::FieldTable(FieldTable::default()),
+    );
     let props = BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_content_encoding(ShortString::from("gzip"))
@@ -80,9 +115,15 @@ async fn request_carries_amqp_properties_and_never_injects_crlf() {
         .with_headers(headers);
     publish(&conn, &queue, br#"{"order":1}"#, props).await;
     let sidecar = start(cfg.clone()).await;
-    wait_until("request received", Duration::from_secs(20), || async { worker.count() == 1 }).await;
+    wait_until("request received", Duration::from_secs(20), || async {
+        worker.count() == 1
+    })
+    .await;
     wait_until("acked", Duration::from_secs(20), || async {
-        sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await == 1.0
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await
+            == 1.0
     })
     .await;
     let r = &worker.requests()[0];
@@ -106,9 +147,18 @@ async fn request_carries_amqp_properties_and_never_injects_crlf() {
     ] {
         assert_eq!(r.header(name), Some(value), "header {name}");
     }
-    assert!(r.headers.get("x-injected").is_none(), "CR/LF must never inject a header");
-    assert!(r.headers.get("x-amqp-header-evil").is_none(), "an illegal value is left out");
-    assert!(r.headers.get("x-amqp-header-nested").is_none(), "a table value is left out");
+    assert!(
+        r.headers.get("x-injected").is_none(),
+        "CR/LF must never inject a header"
+    );
+    assert!(
+        r.headers.get("x-amqp-header-evil").is_none(),
+        "an illegal value is left out"
+    );
+    assert!(
+        r.headers.get("x-amqp-header-nested").is_none(),
+        "a table value is left out"
+    );
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }
@@ -126,9 +176,11 @@ async fn unacked_deliveries_never_exceed_consumers_times_prefetch() {
     declare(&conn, &cfg).await;
     publish_n(&conn, &queue, 20).await;
     let sidecar = start(cfg.clone()).await;
-    wait_until("2 requests held at the worker", Duration::from_secs(20), || async {
-        worker.in_flight() == 2
-    })
+    wait_until(
+        "2 requests held at the worker",
+        Duration::from_secs(20),
+        || async { worker.in_flight() == 2 },
+    )
     .await;
     // The sidecar holds exactly consumers × prefetch = 2 deliveries; the other 18 stay ready
     // in the broker (a passive declare on a classic queue reports the live ready count).
@@ -136,10 +188,17 @@ async fn unacked_deliveries_never_exceed_consumers_times_prefetch() {
     assert_eq!(worker.in_flight(), 2);
     gate.open();
     wait_until("all acked", Duration::from_secs(30), || async {
-        sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await == 20.0
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await
+            == 20.0
     })
     .await;
-    assert_eq!(worker.max_in_flight(), 2, "never more than consumers × prefetch in flight");
+    assert_eq!(
+        worker.max_in_flight(),
+        2,
+        "never more than consumers × prefetch in flight"
+    );
     assert_eq!(worker.count(), 20);
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;

@@ -17,7 +17,13 @@ async fn a_backend_that_fails_then_succeeds_gets_the_message_acked() {
     for queue_type in QUEUE_TYPES {
         let queue = unique("fail-then-ok");
         let worker = Worker::builder()
-            .respond(|_, i| if i < 2 { Reply::status(503) } else { Reply::status(200) })
+            .respond(|_, i| {
+                if i < 2 {
+                    Reply::status(503)
+                } else {
+                    Reply::status(200)
+                }
+            })
             .spawn()
             .await;
         let mut cfg = config(&queue, vec![backend(&worker, 1)]);
@@ -32,7 +38,10 @@ async fn a_backend_that_fails_then_succeeds_gets_the_message_acked() {
         .await;
         let sidecar = start(cfg.clone()).await;
         wait_until("acked", Duration::from_secs(20), || async {
-            sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await == 1.0
+            sidecar
+                .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+                .await
+                == 1.0
         })
         .await;
         let attempts: Vec<String> = worker
@@ -40,11 +49,26 @@ async fn a_backend_that_fails_then_succeeds_gets_the_message_acked() {
             .iter()
             .map(|r| r.header("x-amqp-attempt").unwrap_or("?").to_owned())
             .collect();
-        assert_eq!(attempts, ["1", "2", "3"], "{queue_type:?}: attempts counted 1-based");
-        assert_eq!(sidecar.metric("amqp_sidecar_requeues_total", &[("queue", &queue)]).await, 2.0);
+        assert_eq!(
+            attempts,
+            ["1", "2", "3"],
+            "{queue_type:?}: attempts counted 1-based"
+        );
         assert_eq!(
             sidecar
-                .metric("amqp_sidecar_backend_requests_total", &[("outcome", "retryable"), ("backend", &format!("{}", worker.addr))])
+                .metric("amqp_sidecar_requeues_total", &[("queue", &queue)])
+                .await,
+            2.0
+        );
+        assert_eq!(
+            sidecar
+                .metric(
+                    "amqp_sidecar_backend_requests_total",
+                    &[
+                        ("outcome", "retryable"),
+                        ("backend", &format!("{}", worker.addr))
+                    ]
+                )
                 .await,
             2.0
         );
@@ -60,13 +84,19 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
     let conn = broker().await;
     for queue_type in QUEUE_TYPES {
         let queue = unique("exhausted");
-        let worker = Worker::builder().respond(|_, _| Reply::status(500)).spawn().await;
+        let worker = Worker::builder()
+            .respond(|_, _| Reply::status(500))
+            .spawn()
+            .await;
         let mut cfg = config(&queue, vec![backend(&worker, 1)]);
         cfg.amqp.queue_type = queue_type;
         cfg.retry.max_attempts = 3;
         declare(&conn, &cfg).await;
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from("tenant"), AMQPValue::LongString(LongString::from("acme")));
+        headers.insert(
+            ShortString::from("tenant"),
+            AMQPValue::LongString(LongString::from("acme")),
+        );
         publish(
             &conn,
             &queue,
@@ -81,33 +111,73 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
         let sidecar = start(cfg.clone()).await;
         wait_until("dead-lettered", Duration::from_secs(20), || async {
             sidecar
-                .metric("amqp_sidecar_dead_letters_total", &[("queue", &queue), ("reason", "retries_exhausted")])
+                .metric(
+                    "amqp_sidecar_dead_letters_total",
+                    &[("queue", &queue), ("reason", "retries_exhausted")],
+                )
                 .await
                 == 1.0
         })
         .await;
-        wait_until("original acked off the queue", Duration::from_secs(10), || async {
-            ready(&conn, &queue).await == 0 && ready(&conn, &dlq).await == 1
-        })
+        wait_until(
+            "original acked off the queue",
+            Duration::from_secs(10),
+            || async { ready(&conn, &queue).await == 0 && ready(&conn, &dlq).await == 1 },
+        )
         .await;
-        assert_eq!(worker.count(), 3, "{queue_type:?}: exactly max_attempts requests");
+        assert_eq!(
+            worker.count(),
+            3,
+            "{queue_type:?}: exactly max_attempts requests"
+        );
         let dead = take_all(&conn, &dlq).await;
         assert_eq!(dead.len(), 1, "exactly one copy in the DLQ");
         let m = &dead[0].delivery;
         assert_eq!(&m.data[..], b"doomed");
-        assert_eq!(m.properties.message_id().as_ref().map(ShortString::as_str), Some("d-1"));
-        assert_eq!(m.properties.content_type().as_ref().map(ShortString::as_str), Some("text/plain"));
+        assert_eq!(
+            m.properties.message_id().as_ref().map(ShortString::as_str),
+            Some("d-1")
+        );
+        assert_eq!(
+            m.properties
+                .content_type()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("text/plain")
+        );
         let h = m.properties.headers().clone().expect("headers");
-        assert_eq!(header_text(&h, "tenant").as_deref(), Some("acme"), "original headers kept");
-        assert_eq!(header_text(&h, "x-sidecar-reason").as_deref(), Some("retries_exhausted"));
+        assert_eq!(
+            header_text(&h, "tenant").as_deref(),
+            Some("acme"),
+            "original headers kept"
+        );
+        assert_eq!(
+            header_text(&h, "x-sidecar-reason").as_deref(),
+            Some("retries_exhausted")
+        );
         assert_eq!(header_text(&h, "x-sidecar-attempts").as_deref(), Some("3"));
-        assert_eq!(header_text(&h, "x-sidecar-last-status").as_deref(), Some("500"));
-        assert!(header_text(&h, "x-sidecar-last-error").expect("last error").contains("500"));
-        assert_eq!(header_text(&h, "x-sidecar-backend"), Some(worker.addr.to_string()));
-        assert_eq!(header_text(&h, "x-sidecar-queue").as_deref(), Some(queue.as_str()));
+        assert_eq!(
+            header_text(&h, "x-sidecar-last-status").as_deref(),
+            Some("500")
+        );
+        assert!(
+            header_text(&h, "x-sidecar-last-error")
+                .expect("last error")
+                .contains("500")
+        );
+        assert_eq!(
+            header_text(&h, "x-sidecar-backend"),
+            Some(worker.addr.to_string())
+        );
+        assert_eq!(
+            header_text(&h, "x-sidecar-queue").as_deref(),
+            Some(queue.as_str())
+        );
         let at = header_text(&h, "x-sidecar-failed-at").expect("failed-at");
         let at = humantime::parse_rfc3339(&at).expect("RFC 3339");
-        assert!(SystemTime::now().duration_since(at).expect("in the past") < Duration::from_secs(60));
+        assert!(
+            SystemTime::now().duration_since(at).expect("in the past") < Duration::from_secs(60)
+        );
         assert_eq!(worker.count(), 3, "no attempt after the dead-letter");
         sidecar.stop().await.expect("clean stop");
         cleanup(&conn, &cfg).await;
@@ -118,27 +188,55 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
 async fn a_4xx_is_dead_lettered_after_one_attempt() {
     let conn = broker().await;
     let queue = unique("rejected");
-    let worker = Worker::builder().respond(|_, _| Reply::status(422)).spawn().await;
+    let worker = Worker::builder()
+        .respond(|_, _| Reply::status(422))
+        .spawn()
+        .await;
     let cfg = config(&queue, vec![backend(&worker, 1)]);
     declare(&conn, &cfg).await;
     publish(&conn, &queue, b"bad input", BasicProperties::default()).await;
     let dlq = cfg.dead_letter.queue_for(&queue);
     let sidecar = start(cfg.clone()).await;
-    wait_until("in the DLQ", Duration::from_secs(20), || async { ready(&conn, &dlq).await == 1 }).await;
-    wait_until("original gone", Duration::from_secs(10), || async { ready(&conn, &queue).await == 0 }).await;
+    wait_until("in the DLQ", Duration::from_secs(20), || async {
+        ready(&conn, &dlq).await == 1
+    })
+    .await;
+    wait_until("original gone", Duration::from_secs(10), || async {
+        ready(&conn, &queue).await == 0
+    })
+    .await;
     assert_eq!(worker.count(), 1, "a 4xx is not retried");
     let dead = take_all(&conn, &dlq).await;
-    let h = dead[0].delivery.properties.headers().clone().expect("headers");
-    assert_eq!(header_text(&h, "x-sidecar-reason").as_deref(), Some("rejected"));
+    let h = dead[0]
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("headers");
+    assert_eq!(
+        header_text(&h, "x-sidecar-reason").as_deref(),
+        Some("rejected")
+    );
     assert_eq!(header_text(&h, "x-sidecar-attempts").as_deref(), Some("1"));
-    assert_eq!(header_text(&h, "x-sidecar-last-status").as_deref(), Some("422"));
+    assert_eq!(
+        header_text(&h, "x-sidecar-last-status").as_deref(),
+        Some("422")
+    );
     assert_eq!(
         sidecar
-            .metric("amqp_sidecar_dead_letters_total", &[("queue", &queue), ("reason", "rejected")])
+            .metric(
+                "amqp_sidecar_dead_letters_total",
+                &[("queue", &queue), ("reason", "rejected")]
+            )
             .await,
         1.0
     );
-    assert_eq!(sidecar.metric("amqp_sidecar_requeues_total", &[("queue", &queue)]).await, 0.0);
+    assert_eq!(
+        sidecar
+            .metric("amqp_sidecar_requeues_total", &[("queue", &queue)])
+            .await,
+        0.0
+    );
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }
@@ -165,13 +263,19 @@ async fn retry_after_on_429_replaces_the_backoff() {
     publish(&conn, &queue, b"slow down", BasicProperties::default()).await;
     let sidecar = start(cfg.clone()).await;
     wait_until("acked", Duration::from_secs(20), || async {
-        sidecar.metric("amqp_sidecar_acks_total", &[("queue", &queue)]).await == 1.0
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await
+            == 1.0
     })
     .await;
     let r = worker.requests();
     assert_eq!(r.len(), 2);
     let gap = r[1].at.duration_since(r[0].at);
-    assert!(gap >= Duration::from_millis(950), "Retry-After: 1 honoured, gap was {gap:?}");
+    assert!(
+        gap >= Duration::from_millis(950),
+        "Retry-After: 1 honoured, gap was {gap:?}"
+    );
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }

@@ -3,22 +3,34 @@
 //!
 //! - [`Pool`] measures load: it owns each backend's in-flight count (the backend's queue
 //!   length) and hands out a [`Lease`] that decrements it when dropped, so a count can never
-//!   leak, whatever path a delivery takes.
+//!   leak, whatever path a delivery takes. It also owns each backend's usability: passive
+//!   ejection (outlier detection) after consecutive retryable failures, and the health flag
+//!   that active health checks set.
 //! - [`Balance`] chooses: given a snapshot of every backend's load it returns the index of
-//!   one with free capacity. Strategies live beside it ([`LeastInFlight`], [`RoundRobin`]).
+//!   one that is usable and has free capacity. Strategies live beside it.
 //!
-//! When every backend is full, [`Pool::acquire`] waits on a [`tokio::sync::Notify`] that each
-//! released lease signals: no polling.
+//! When no usable backend has free capacity, [`Pool::acquire`] waits on a
+//! [`tokio::sync::Notify`] that each released lease (and each backend coming back) signals:
+//! no polling.
+//!
+//! Passive ejection follows Envoy's outlier detection
+//! (<https://www.envoyproxy.io/docs/envoy/latest/intro/arch_overview/upstream/outlier>):
+//! `consecutive_failures` retryable failures in a row eject a backend for
+//! `base_ms × times ejected`, capped at `max_ms`, and never more than `max_percent` of the
+//! backends are ejected at once.
 
 mod strategy;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 pub use strategy::{LeastInFlight, RoundRobin};
 
-use crate::config::BalancerKind;
+use crate::config::{BalancerKind, EjectionConfig};
 
 /// One backend's load, as the balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,20 +41,33 @@ pub struct Load {
     pub max_in_flight: u32,
     /// Relative capacity (≥ 1).
     pub weight: u32,
+    /// False while the backend is ejected or unhealthy.
+    pub usable: bool,
 }
 
 impl Load {
-    /// True when another request may be sent now.
+    /// A usable backend's load.
+    #[must_use]
+    pub fn new(in_flight: u32, max_in_flight: u32, weight: u32) -> Self {
+        Self {
+            in_flight,
+            max_in_flight,
+            weight,
+            usable: true,
+        }
+    }
+
+    /// True when another request may be sent to it now: usable and below `max_in_flight`.
     #[must_use]
     pub fn has_capacity(&self) -> bool {
-        self.in_flight < self.max_in_flight
+        self.usable && self.in_flight < self.max_in_flight
     }
 }
 
 /// A strategy that picks a backend.
 pub trait Balance: Send {
-    /// Returns the index into `loads` of the backend to use, or `None` when no backend has
-    /// free capacity. Must never return a backend whose `in_flight >= max_in_flight`.
+    /// Returns the index into `loads` of the backend to use, or `None` when none has
+    /// capacity. Must only return an index whose [`Load::has_capacity`] is true.
     fn pick(&mut self, loads: &[Load]) -> Option<usize>;
 }
 
@@ -55,87 +80,264 @@ pub fn strategy(kind: BalancerKind) -> Box<dyn Balance> {
     }
 }
 
-/// Called when a backend's in-flight count changes (to publish it as a gauge).
-pub type OnChange = Box<dyn Fn(usize, u32) + Send + Sync>;
+/// Callbacks through which the pool publishes its state (metrics); they run under the pool
+/// lock, so they must be quick.
+pub struct Hooks {
+    /// `(index, in_flight)` on every change of a backend's in-flight count.
+    pub in_flight: Box<dyn Fn(usize, u32) + Send + Sync>,
+    /// `(index, for)` when a backend is ejected.
+    pub ejected: Box<dyn Fn(usize, Duration) + Send + Sync>,
+}
+
+impl Hooks {
+    /// Hooks that do nothing.
+    #[must_use]
+    pub fn none() -> Self {
+        Self {
+            in_flight: Box::new(|_, _| {}),
+            ejected: Box::new(|_, _| {}),
+        }
+    }
+}
+
+/// What one request's outcome says about its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The backend answered (2xx, or a 4xx that is the message's fault).
+    Answered,
+    /// A retryable failure: 5xx, 408, 429, timeout, refused or reset connection.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Ejection {
+    consecutive_failures: u32,
+    times_ejected: u32,
+    until: Option<Instant>,
+}
 
 struct State {
     loads: Vec<Load>,
+    healthy: Vec<bool>,
+    ejections: Vec<Ejection>,
     balancer: Box<dyn Balance>,
 }
 
-/// The backends' in-flight counts, and the waiting room for deliveries when all are full.
+impl State {
+    fn usable(&self, i: usize) -> bool {
+        self.healthy[i] && self.ejections[i].until.is_none()
+    }
+
+    /// Returns backends whose ejection time is up; true if any came back.
+    fn refresh(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for i in 0..self.loads.len() {
+            if let Some(until) = self.ejections[i].until
+                && until <= now
+            {
+                self.ejections[i].until = None;
+                self.ejections[i].consecutive_failures = 0;
+                changed = true;
+            }
+            self.loads[i].usable = self.usable(i);
+        }
+        changed
+    }
+
+    fn usable_count(&self) -> usize {
+        (0..self.loads.len()).filter(|&i| self.usable(i)).count()
+    }
+
+    fn next_return(&self) -> Option<Instant> {
+        self.ejections.iter().filter_map(|e| e.until).min()
+    }
+}
+
+/// The backends' in-flight counts and usability, and the waiting room for deliveries when
+/// no usable backend has room.
 pub struct Pool {
     state: Mutex<State>,
-    /// Signalled whenever a lease is released, waking one waiting [`Pool::acquire`].
+    /// Signalled when a lease is released or a backend becomes usable.
     released: Notify,
-    on_change: OnChange,
+    /// The number of usable backends, for readiness and pausing.
+    usable: watch::Sender<usize>,
+    ejection: EjectionConfig,
+    hooks: Hooks,
 }
 
 impl Pool {
     /// A pool over backends with the given `(max_in_flight, weight)`, using `balancer`.
-    /// `on_change(index, in_flight)` runs (under the pool lock) on every change.
     #[must_use]
     pub fn new(
         capacities: &[(u32, u32)],
         balancer: Box<dyn Balance>,
-        on_change: OnChange,
+        ejection: EjectionConfig,
+        hooks: Hooks,
     ) -> Arc<Self> {
-        let loads = capacities
+        let loads: Vec<Load> = capacities
             .iter()
-            .map(|&(max_in_flight, weight)| Load {
-                in_flight: 0,
-                max_in_flight,
-                weight: weight.max(1),
-            })
+            .map(|&(max, weight)| Load::new(0, max, weight.max(1)))
             .collect();
+        let n = loads.len();
         Arc::new(Self {
-            state: Mutex::new(State { loads, balancer }),
+            state: Mutex::new(State {
+                loads,
+                healthy: vec![true; n],
+                ejections: vec![Ejection::default(); n],
+                balancer,
+            }),
             released: Notify::new(),
-            on_change,
+            usable: watch::Sender::new(n),
+            ejection,
+            hooks,
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves the counts consistent (every mutation is a
-        // single field write), so a poisoned lock is safe to keep using.
+        // Every mutation under this lock is a plain field write, so the state stays
+        // consistent even if a holder panicked.
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Takes a slot on a backend chosen by the balancer, if one has free capacity.
+    /// Takes a slot on a backend chosen by the balancer, if a usable one has room.
     #[must_use]
     pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
+        self.try_acquire_at(Instant::now()).ok()
+    }
+
+    /// [`Pool::try_acquire`] at `now`; on failure returns when the next ejected backend
+    /// comes back, if any is ejected.
+    fn try_acquire_at(self: &Arc<Self>, now: Instant) -> Result<Lease, Option<Instant>> {
         let mut state = self.lock();
-        let State { loads, balancer } = &mut *state;
-        let index = balancer.pick(loads)?;
-        let load = &mut loads[index];
-        debug_assert!(load.has_capacity(), "balancer picked a full backend");
-        if !load.has_capacity() {
-            return None;
+        if state.refresh(now) {
+            self.usable.send_replace(state.usable_count());
         }
+        let State {
+            loads, balancer, ..
+        } = &mut *state;
+        let Some(index) = balancer.pick(loads).filter(|&i| loads[i].has_capacity()) else {
+            return Err(state.next_return());
+        };
+        let load = &mut state.loads[index];
         load.in_flight += 1;
-        (self.on_change)(index, load.in_flight);
-        Some(Lease {
+        (self.hooks.in_flight)(index, load.in_flight);
+        Ok(Lease {
             pool: Arc::clone(self),
             index,
         })
     }
 
-    /// Waits until a backend has free capacity and takes a slot on it.
+    /// Waits until a usable backend has room and takes a slot on it.
     ///
     /// Cancel-safe: dropping the future gives up the wait without holding anything.
     pub async fn acquire(self: &Arc<Self>) -> Lease {
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);
-            // Register interest before checking, so a release between the check and the
-            // await is not missed.
+            // Register before checking, so a release in between is not missed.
             notified.as_mut().enable();
-            if let Some(lease) = self.try_acquire() {
-                return lease;
+            match self.try_acquire_at(Instant::now()) {
+                Ok(lease) => return lease,
+                Err(Some(back_at)) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until(back_at.into()) => {}
+                    }
+                }
+                Err(None) => notified.await,
             }
-            notified.await;
+        }
+    }
+
+    /// Records what a request's outcome says about backend `index`, ejecting it after
+    /// `ejection.consecutive_failures` failures in a row. Returns the ejection time if it
+    /// was ejected.
+    pub fn report(self: &Arc<Self>, index: usize, health: Health) -> Option<Duration> {
+        self.report_at(index, health, Instant::now())
+    }
+
+    fn report_at(self: &Arc<Self>, index: usize, health: Health, now: Instant) -> Option<Duration> {
+        let mut state = self.lock();
+        state.refresh(now);
+        let threshold = self.ejection.consecutive_failures;
+        let e = &mut state.ejections[index];
+        match health {
+            Health::Answered => {
+                e.consecutive_failures = 0;
+                return None;
+            }
+            Health::Failed => e.consecutive_failures = e.consecutive_failures.saturating_add(1),
+        }
+        if threshold == 0 || e.consecutive_failures < threshold || e.until.is_some() {
+            return None;
+        }
+        let n = state.loads.len();
+        let ejected = state.ejections.iter().filter(|e| e.until.is_some()).count();
+        // Never eject more than max_percent of the backends (rounded down).
+        let allowed = n * usize::from(self.ejection.max_percent.min(100)) / 100;
+        if ejected + 1 > allowed {
+            return None;
+        }
+        let e = &mut state.ejections[index];
+        e.times_ejected = e.times_ejected.saturating_add(1);
+        e.consecutive_failures = 0;
+        let base = Duration::from_millis(self.ejection.base_ms);
+        let duration = base
+            .saturating_mul(e.times_ejected)
+            .min(Duration::from_millis(self.ejection.max_ms));
+        e.until = Some(now + duration);
+        state.loads[index].usable = false;
+        (self.hooks.ejected)(index, duration);
+        self.usable.send_replace(state.usable_count());
+        drop(state);
+        // Publish the return on time (readiness, pausing); waiters in `acquire` wake on their
+        // own deadline.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::clone(self);
+            let deadline = tokio::time::Instant::from_std(now + duration);
+            rt.spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                pool.refresh();
+            });
+        }
+        Some(duration)
+    }
+
+    /// Sets the health flag of backend `index` (from active health checks).
+    pub fn set_healthy(&self, index: usize, healthy: bool) {
+        let mut state = self.lock();
+        state.healthy[index] = healthy;
+        state.refresh(Instant::now());
+        self.usable.send_replace(state.usable_count());
+        drop(state);
+        if healthy {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// True when backend `index` may take requests (healthy and not ejected).
+    #[must_use]
+    pub fn is_usable(&self, index: usize) -> bool {
+        let mut state = self.lock();
+        state.refresh(Instant::now());
+        state.usable(index)
+    }
+
+    /// Subscribes to the number of usable backends.
+    #[must_use]
+    pub fn usable(&self) -> watch::Receiver<usize> {
+        self.usable.subscribe()
+    }
+
+    /// Re-evaluates ejections whose time is up (and publishes the usable count).
+    pub fn refresh(&self) {
+        let mut state = self.lock();
+        if state.refresh(Instant::now()) {
+            self.usable.send_replace(state.usable_count());
+            drop(state);
+            self.released.notify_waiters();
         }
     }
 
@@ -150,7 +352,7 @@ impl Pool {
             let mut state = self.lock();
             let load = &mut state.loads[index];
             load.in_flight = load.in_flight.saturating_sub(1);
-            (self.on_change)(index, load.in_flight);
+            (self.hooks.in_flight)(index, load.in_flight);
         }
         self.released.notify_one();
     }
@@ -191,8 +393,101 @@ mod tests {
         Pool::new(
             caps,
             Box::new(LeastInFlight::default()),
-            Box::new(|_, _| {}),
+            EjectionConfig::default(),
+            Hooks::none(),
         )
+    }
+
+    fn ejecting(n: usize, threshold: u32, max_percent: u8) -> Arc<Pool> {
+        let caps = vec![(1, 1); n];
+        let cfg = EjectionConfig {
+            consecutive_failures: threshold,
+            base_ms: 1_000,
+            max_ms: 2_500,
+            max_percent,
+        };
+        Pool::new(
+            &caps,
+            Box::new(LeastInFlight::default()),
+            cfg,
+            Hooks::none(),
+        )
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_growing_duration_then_return() {
+        let p = ejecting(2, 2, 50);
+        let t0 = Instant::now();
+        assert_eq!(p.report_at(0, Health::Failed, t0), None);
+        assert_eq!(
+            p.report_at(0, Health::Failed, t0),
+            Some(Duration::from_secs(1))
+        );
+        assert!(!p.lock().usable(0));
+        // While ejected, only backend 1 is picked.
+        let lease = p.try_acquire_at(t0).expect("backend 1 free");
+        assert_eq!(lease.index(), 1);
+        assert!(
+            matches!(p.try_acquire_at(t0), Err(Some(_))),
+            "reports when backend 0 returns"
+        );
+        drop(lease);
+        // Back after 1 s; the second ejection lasts 2 s, the third is capped at 2.5 s.
+        let t1 = t0 + Duration::from_millis(1_001);
+        assert!(p.try_acquire_at(t1).is_ok());
+        p.report_at(0, Health::Failed, t1);
+        assert_eq!(
+            p.report_at(0, Health::Failed, t1),
+            Some(Duration::from_secs(2))
+        );
+        let t2 = t1 + Duration::from_millis(2_001);
+        p.report_at(0, Health::Failed, t2);
+        assert_eq!(
+            p.report_at(0, Health::Failed, t2),
+            Some(Duration::from_millis(2_500))
+        );
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak() {
+        let p = ejecting(2, 2, 50);
+        let t = Instant::now();
+        p.report_at(0, Health::Failed, t);
+        p.report_at(0, Health::Answered, t);
+        assert_eq!(p.report_at(0, Health::Failed, t), None);
+    }
+
+    #[test]
+    fn never_ejects_more_than_max_percent() {
+        let p = ejecting(4, 1, 50);
+        let t = Instant::now();
+        assert!(p.report_at(0, Health::Failed, t).is_some());
+        assert!(p.report_at(1, Health::Failed, t).is_some());
+        assert_eq!(
+            p.report_at(2, Health::Failed, t),
+            None,
+            "2 of 4 is already 50%"
+        );
+        let single = ejecting(1, 1, 50);
+        assert_eq!(
+            single.report_at(0, Health::Failed, t),
+            None,
+            "a lone backend is never ejected"
+        );
+        assert_eq!(*p.usable().borrow(), 2);
+    }
+
+    #[test]
+    fn unhealthy_backends_are_skipped() {
+        let p = pool(&[(1, 1), (1, 1)]);
+        p.set_healthy(0, false);
+        let lease = p.try_acquire().expect("backend 1 is free");
+        assert_eq!(lease.index(), 1);
+        assert!(
+            p.try_acquire().is_none(),
+            "backend 0 is unhealthy, backend 1 is full"
+        );
+        assert_eq!(*p.usable().borrow(), 1);
     }
 
     #[test]

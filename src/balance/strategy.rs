@@ -68,11 +68,7 @@ mod tests {
     use super::*;
 
     fn load(in_flight: u32, max_in_flight: u32, weight: u32) -> Load {
-        Load {
-            in_flight,
-            max_in_flight,
-            weight,
-        }
+        Load::new(in_flight, max_in_flight, weight)
     }
 
     #[test]

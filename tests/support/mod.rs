@@ -27,8 +27,8 @@ use lapin::{
     BasicProperties, Connection, ConnectionProperties,
     message::BasicGetMessage,
     options::{
-        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -56,7 +56,11 @@ pub async fn broker() -> Connection {
 /// A queue name no other test (or test run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0) % 1_000_000_000;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        % 1_000_000_000;
     format!(
         "test-{prefix}-{}-{}-{nanos}",
         std::process::id(),
@@ -88,14 +92,22 @@ pub fn backend(worker: &Worker, max_in_flight: u32) -> BackendConfig {
 
 /// Declares the sidecar's topology for `cfg` (so messages can be published before it starts).
 pub async fn declare(conn: &Connection, cfg: &Config) {
-    amqp_sidecar::amqp::topology::ensure(conn, cfg).await.expect("declare topology");
+    amqp_sidecar::amqp::topology::ensure(conn, cfg)
+        .await
+        .expect("declare topology");
 }
 
 /// Publishes with confirms; `props` gets delivery mode 2 unless set.
 pub async fn publish(conn: &Connection, queue: &str, body: &[u8], props: BasicProperties) {
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm_select");
-    let props = if props.delivery_mode().is_none() { props.with_delivery_mode(2) } else { props };
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    let props = if props.delivery_mode().is_none() {
+        props.with_delivery_mode(2)
+    } else {
+        props
+    };
     let confirm = ch
         .basic_publish(
             ShortString::from(""),
@@ -106,14 +118,19 @@ pub async fn publish(conn: &Connection, queue: &str, body: &[u8], props: BasicPr
         )
         .await
         .expect("publish");
-    assert!(matches!(confirm.await.expect("confirm"), lapin::Confirmation::Ack(None)));
+    assert!(matches!(
+        confirm.await.expect("confirm"),
+        lapin::Confirmation::Ack(None)
+    ));
     let _ = ch.close(200, ShortString::from("done")).await;
 }
 
 /// Publishes `n` messages with ids `m-0`, `m-1`, ... and bodies `body-<i>`.
 pub async fn publish_n(conn: &Connection, queue: &str, n: usize) {
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm_select");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
     let mut confirms = Vec::with_capacity(n);
     for i in 0..n {
         let props = BasicProperties::default()
@@ -132,13 +149,23 @@ pub async fn publish_n(conn: &Connection, queue: &str, n: usize) {
         );
     }
     for c in confirms {
-        assert!(matches!(c.await.expect("confirm"), lapin::Confirmation::Ack(None)));
+        assert!(matches!(
+            c.await.expect("confirm"),
+            lapin::Confirmation::Ack(None)
+        ));
     }
     let _ = ch.close(200, ShortString::from("done")).await;
 }
 
 /// Messages ready in `queue`, read live with a passive declare.
 pub async fn ready(conn: &Connection, queue: &str) -> u32 {
+    try_ready(conn, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// [`ready`], or `None` when the queue does not exist.
+pub async fn try_ready(conn: &Connection, queue: &str) -> Option<u32> {
     let ch = conn.create_channel().await.expect("channel");
     let q = ch
         .queue_declare(
@@ -150,9 +177,9 @@ pub async fn ready(conn: &Connection, queue: &str) -> u32 {
             FieldTable::default(),
         )
         .await
-        .expect("passive declare");
+        .ok()?;
     let _ = ch.close(200, ShortString::from("done")).await;
-    q.message_count()
+    Some(q.message_count())
 }
 
 /// Takes (and acks) every message in `queue`.
@@ -164,7 +191,11 @@ pub async fn take_all(conn: &Connection, queue: &str) -> Vec<BasicGetMessage> {
         .await
         .expect("basic_get")
     {
-        m.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        m.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
         out.push(m);
     }
     let _ = ch.close(200, ShortString::from("done")).await;
@@ -176,10 +207,15 @@ pub async fn cleanup(conn: &Connection, cfg: &Config) {
     let ch = conn.create_channel().await.expect("channel");
     let q = &cfg.amqp.queue;
     for name in [q.clone(), cfg.dead_letter.queue_for(q)] {
-        let _ = ch.queue_delete(ShortString::from(name), QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(ShortString::from(name), QueueDeleteOptions::default())
+            .await;
     }
     let _ = ch
-        .exchange_delete(ShortString::from(cfg.dead_letter.exchange_for(q)), ExchangeDeleteOptions::default())
+        .exchange_delete(
+            ShortString::from(cfg.dead_letter.exchange_for(q)),
+            ExchangeDeleteOptions::default(),
+        )
         .await;
     let _ = ch.close(200, ShortString::from("done")).await;
 }
@@ -195,7 +231,10 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -230,11 +269,20 @@ impl Recorded {
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
 }
 
 impl Reply {
     pub fn status(status: u16) -> Self {
-        Self { status, headers: Vec::new() }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Bytes::from_static(b"worker says hi"),
+        }
+    }
+    pub fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
     }
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
@@ -247,6 +295,8 @@ type Script = Arc<dyn Fn(&Recorded, usize) -> Reply + Send + Sync>;
 #[derive(Default)]
 struct WorkerState {
     requests: Mutex<Vec<Recorded>>,
+    /// Message ids of requests answered 2xx, in order (duplicates included).
+    succeeded: Mutex<Vec<String>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -291,7 +341,10 @@ impl WorkerBuilder {
         self
     }
     /// Answer with `f(request, index)`; index is 0-based over all requests.
-    pub fn respond(mut self, f: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static) -> Self {
+    pub fn respond(
+        mut self,
+        f: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         self.script = Arc::new(f);
         self
     }
@@ -300,18 +353,39 @@ impl WorkerBuilder {
         self.gate = Some(gate);
         self
     }
-    /// Starts the worker on 127.0.0.1:0.
+    /// Starts the worker on 127.0.0.1:0. Its connections are owned by the server task, so
+    /// [`Worker::kill`] resets requests in flight, as a crashed process would.
     pub async fn spawn(self) -> Worker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind worker");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(WorkerState::default());
         let app_state = (Arc::clone(&state), self.script, self.latency, self.gate);
+        let health = self.health;
         let app = Router::new()
             .route("/", post(handle))
-            .route("/healthz", get(move || async move { StatusCode::from_u16(self.health).unwrap_or(StatusCode::OK) }))
+            .route(
+                "/healthz",
+                get(move || async move { StatusCode::from_u16(health).unwrap_or(StatusCode::OK) }),
+            )
             .with_state(app_state);
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                        conns.spawn(async move {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
         });
         Worker { addr, state, task }
     }
@@ -319,7 +393,11 @@ impl WorkerBuilder {
 
 type AppState = (Arc<WorkerState>, Script, Duration, Option<Arc<Gate>>);
 
-async fn handle(State((state, script, latency, gate)): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State((state, script, latency, gate)): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let rec = Recorded {
@@ -347,9 +425,23 @@ async fn handle(State((state, script, latency, gate)): State<AppState>, headers:
         tokio::time::sleep(latency).await;
     }
     let reply = script(&rec, index);
-    let mut resp = (StatusCode::from_u16(reply.status).expect("status"), "worker says hi").into_response();
+    if (200..300).contains(&reply.status) {
+        state
+            .succeeded
+            .lock()
+            .expect("lock")
+            .push(rec.header("x-amqp-message-id").unwrap_or("").to_owned());
+    }
+    let mut resp = (
+        StatusCode::from_u16(reply.status).expect("status"),
+        reply.body,
+    )
+        .into_response();
     for (k, v) in reply.headers {
-        resp.headers_mut().insert(HeaderName::from_static(k), HeaderValue::from_str(&v).expect("value"));
+        resp.headers_mut().insert(
+            HeaderName::from_static(k),
+            HeaderValue::from_str(&v).expect("value"),
+        );
     }
     resp
 }
@@ -385,7 +477,12 @@ impl Worker {
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
-    /// Stops accepting connections (the port then refuses).
+    /// Message ids answered 2xx, duplicates included.
+    pub fn succeeded(&self) -> Vec<String> {
+        self.state.succeeded.lock().expect("lock").clone()
+    }
+    /// Kills the worker: requests in flight get their connection reset, and the port then
+    /// refuses connections.
     pub fn kill(&self) {
         self.task.abort();
     }
@@ -403,7 +500,11 @@ pub async fn start(cfg: Config) -> Running {
     let running = start_unready(cfg).await;
     let url = format!("http://{}/readyz", running.admin);
     wait_until("sidecar ready", Duration::from_secs(20), || async {
-        http().get(&url).send().await.is_ok_and(|r| r.status() == 200)
+        http()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
     })
     .await;
     running
@@ -416,7 +517,11 @@ pub async fn start_unready(cfg: Config) -> Running {
     let admin = sidecar.admin_addr();
     let stop = CancellationToken::new();
     let handle = tokio::spawn(sidecar.run(stop.clone()));
-    Running { admin, stop, handle }
+    Running {
+        admin,
+        stop,
+        handle,
+    }
 }
 
 impl Running {
@@ -453,14 +558,21 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
 /// An HTTP client that never uses a proxy.
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 /// Shorthand for both queue types.
@@ -476,5 +588,209 @@ impl Running {
                 panic!("the sidecar did not stop on its own");
             }
         }
+    }
+}
+
+/// Runs `rabbitmqctl` (or `$RABBITMQCTL`, e.g. `docker compose exec -T rabbitmq rabbitmqctl`)
+/// and returns its stdout; fails the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let cmd = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let mut parts = cmd.split_whitespace();
+    let program = parts.next().expect("RABBITMQCTL is empty");
+    let out = std::process::Command::new(program)
+        .args(parts)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {cmd}: {e} (set RABBITMQCTL to point at rabbitmqctl)")
+        });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The end-of-test accounting: every published message must be found among those a
+/// worker answered 2xx, those in the DLQ, and those still in the queue.
+#[derive(Debug)]
+pub struct Accounting {
+    pub published: usize,
+    /// Distinct messages a worker answered 2xx.
+    pub succeeded: usize,
+    pub dead_lettered: usize,
+    pub remaining: usize,
+    /// Published ids found nowhere.
+    pub lost: Vec<String>,
+    /// Extra sightings beyond one per message (at-least-once duplicates).
+    pub duplicates: usize,
+    /// Messages found in more than one of the three sets (a duplicate that went two ways).
+    pub overlap: usize,
+}
+
+impl Accounting {
+    /// Fails the test on any loss, and prints the figures.
+    pub fn assert_no_loss(&self, test: &str) {
+        println!(
+            "[accounting] {test}: published {} = succeeded {} + dead-lettered {} + remaining {} (duplicates {}), lost {}",
+            self.published,
+            self.succeeded,
+            self.dead_lettered,
+            self.remaining,
+            self.duplicates,
+            self.lost.len()
+        );
+        assert!(
+            self.lost.is_empty(),
+            "{test}: lost messages {:?}",
+            self.lost
+        );
+        assert_eq!(
+            self.succeeded + self.dead_lettered + self.remaining - self.overlap,
+            self.published,
+            "{test}: published = succeeded + dead-lettered + remaining"
+        );
+    }
+}
+
+/// Accounts for `m-0`..`m-{n-1}` (as published by [`publish_n`]): takes what is left in the
+/// queue and the DLQ (the sidecar must be stopped) and compares with the workers' 2xx.
+pub async fn account(conn: &Connection, cfg: &Config, n: usize, workers: &[&Worker]) -> Accounting {
+    use std::collections::HashSet;
+    let ids = |msgs: &[BasicGetMessage]| -> Vec<String> {
+        msgs.iter()
+            .map(|m| {
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let remaining = ids(&take_all(conn, &cfg.amqp.queue).await);
+    let dead = ids(&take_all(conn, &cfg.dead_letter.queue_for(&cfg.amqp.queue)).await);
+    let successes: Vec<String> = workers.iter().flat_map(|w| w.succeeded()).collect();
+    let s: HashSet<&String> = successes.iter().collect();
+    let d: HashSet<&String> = dead.iter().collect();
+    let r: HashSet<&String> = remaining.iter().collect();
+    let lost: Vec<String> = (0..n)
+        .map(|i| format!("m-{i}"))
+        .filter(|id| !s.contains(id) && !d.contains(id) && !r.contains(id))
+        .collect();
+    let sightings = successes.len() + dead.len() + remaining.len();
+    let found = n - lost.len();
+    let overlap =
+        s.intersection(&d).count() + s.intersection(&r).count() + d.intersection(&r).count();
+    Accounting {
+        published: n,
+        succeeded: s.len(),
+        dead_lettered: d.len(),
+        remaining: r.len(),
+        duplicates: sightings - found,
+        overlap,
+        lost,
+    }
+}
+
+/// The sidecar binary running as a child process.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub admin: SocketAddr,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Starts the sidecar binary with `cfg` (written as a config file; JSON is valid YAML).
+pub fn spawn_binary(cfg: &Config) -> Process {
+    let mut cfg = cfg.clone();
+    cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = std::env::temp_dir().join(unique("sidecar-bin"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("config.yaml");
+    std::fs::write(
+        &file,
+        serde_json::to_string_pretty(&cfg).expect("serialize"),
+    )
+    .expect("write config");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_amqp-sidecar"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AMQP_SIDECAR_") {
+            cmd.env_remove(k);
+        }
+    }
+    let log = std::fs::File::create(dir.join("sidecar.log")).expect("log file");
+    let child = cmd
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "amqp_sidecar=info")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn amqp-sidecar");
+    Process {
+        child,
+        admin: cfg.admin.listen,
+        _dir: TempDir(dir),
+    }
+}
+
+impl Process {
+    /// What the binary logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("sidecar.log")).unwrap_or_default()
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+    /// Sends `signal` (e.g. "TERM", "KILL") with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("sidecar exits in time")
+            .expect("wait")
+    }
+    /// /readyz status code, or None if the admin server is not answering.
+    pub async fn readyz(&self) -> Option<u16> {
+        http()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+    pub async fn wait_ready(&self) {
+        wait_until("binary ready", Duration::from_secs(30), || async {
+            self.readyz().await == Some(200)
+        })
+        .await;
     }
 }
