@@ -32,6 +32,7 @@ pub struct Health {
     expected_consumers: AtomicUsize,
     usable_backends: AtomicUsize,
     draining: AtomicBool,
+    paused: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -50,6 +51,8 @@ pub struct Readiness {
     pub usable_backends: usize,
     /// Shutdown has started.
     pub draining: bool,
+    /// Consumption is paused: no backend is usable.
+    pub paused: bool,
     /// Why not ready (empty when ready).
     pub reasons: Vec<String>,
 }
@@ -84,6 +87,12 @@ impl Health {
         self.usable_backends.store(n, Ordering::SeqCst);
     }
 
+    /// Records whether consumption is paused for lack of a usable backend.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        crate::metrics::set_paused(paused);
+    }
+
     /// Marks shutdown as started (readiness turns false for good).
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -102,7 +111,13 @@ impl Health {
         let expected_consumers = self.expected_consumers.load(Ordering::SeqCst);
         let usable_backends = self.usable_backends.load(Ordering::SeqCst);
         let draining = self.draining.load(Ordering::SeqCst);
+        let paused = self.paused.load(Ordering::SeqCst);
         let mut reasons = Vec::new();
+        if paused {
+            reasons.push(
+                "consumption paused: no usable backend (all unhealthy or ejected)".to_owned(),
+            );
+        }
         if draining {
             reasons.push("shutting down: draining in-flight deliveries".to_owned());
         }
@@ -112,7 +127,7 @@ impl Health {
         if let Some(e) = lock(&self.last_error).as_ref() {
             reasons.push(e.clone());
         }
-        if connected && consumers == 0 {
+        if connected && consumers == 0 && !paused {
             reasons.push("no consumer subscribed".to_owned());
         }
         if usable_backends == 0 {
@@ -125,6 +140,7 @@ impl Health {
             expected_consumers,
             usable_backends,
             draining,
+            paused,
             reasons,
         }
     }

@@ -40,6 +40,8 @@ pub struct Config {
     pub backend: BackendLimits,
     /// Passive ejection of backends that keep failing (outlier detection).
     pub ejection: EjectionConfig,
+    /// Active health checks for every backend (each may override them).
+    pub health: HealthConfig,
     /// Attempt limit and backoff between attempts.
     pub retry: RetryConfig,
     /// Where messages go once they cannot be processed.
@@ -60,6 +62,7 @@ impl Default for Config {
             balancer: BalancerKind::LeastInFlight,
             backend: BackendLimits::default(),
             ejection: EjectionConfig::default(),
+            health: HealthConfig::default(),
             retry: RetryConfig::default(),
             dead_letter: DeadLetterConfig::default(),
             admin: AdminConfig::default(),
@@ -157,6 +160,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Per-request timeout, in ms, covering connect, headers and body. Default 30000.
     pub timeout_ms: u64,
+    /// Overrides of the top-level `health:` settings for this backend. Default none.
+    pub health: Option<HealthOverride>,
 }
 
 impl Default for BackendConfig {
@@ -167,6 +172,7 @@ impl Default for BackendConfig {
             max_in_flight: 1,
             weight: 1,
             timeout_ms: 30_000,
+            health: None,
         }
     }
 }
@@ -198,14 +204,56 @@ impl BackendConfig {
     }
 }
 
-/// The balancing strategy (`balancer:`).
+/// The balancing strategy (`balancer:`). See `balance` for each algorithm's source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BalancerKind {
     /// Join-the-shortest-queue: the lowest `in_flight / weight`, ties rotated. The default.
     LeastInFlight,
-    /// Each backend in turn, skipping those without free capacity.
+    /// Power of two choices: two distinct random backends, the less loaded one.
+    PowerOfTwo,
+    /// Strictly in turn; a delivery waits for the backend whose turn it is.
     RoundRobin,
+    /// Smooth weighted round robin (nginx), strictly in turn by weight.
+    WeightedRoundRobin,
+    /// Uniformly random among backends with a free slot.
+    Random,
+}
+
+impl BalancerKind {
+    /// Every strategy, in documentation order.
+    pub const ALL: [BalancerKind; 5] = [
+        Self::LeastInFlight,
+        Self::PowerOfTwo,
+        Self::RoundRobin,
+        Self::WeightedRoundRobin,
+        Self::Random,
+    ];
+
+    /// The config name, e.g. `least_in_flight`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LeastInFlight => "least_in_flight",
+            Self::PowerOfTwo => "power_of_two",
+            Self::RoundRobin => "round_robin",
+            Self::WeightedRoundRobin => "weighted_round_robin",
+            Self::Random => "random",
+        }
+    }
+}
+
+impl std::str::FromStr for BalancerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown balancer {s:?}; one of {}", names.join(", "))
+            })
+    }
 }
 
 /// Limits on every backend request (`backend:`).
@@ -230,6 +278,67 @@ impl Default for BackendLimits {
             connect_timeout_ms: 2_000,
         }
     }
+}
+
+/// Active health checks (`health:`). Off unless `path` is set (here or per backend).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path GETted on each backend's host, e.g. `/healthz`; 2xx is healthy. Default unset (off).
+    #[serde(deserialize_with = "opt_string_like")]
+    pub path: Option<String>,
+    /// Time between checks, in ms. Default 5000.
+    pub interval_ms: u64,
+    /// Timeout of one check, in ms. Default 1000.
+    pub timeout_ms: u64,
+    /// Failed checks in a row that make a healthy backend unhealthy. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that make an unhealthy backend healthy. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// A backend's `health:` block: any field set replaces the top-level one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthOverride {
+    /// See [`HealthConfig::path`].
+    #[serde(deserialize_with = "opt_string_like")]
+    pub path: Option<String>,
+    /// See [`HealthConfig::interval_ms`].
+    pub interval_ms: Option<u64>,
+    /// See [`HealthConfig::timeout_ms`].
+    pub timeout_ms: Option<u64>,
+    /// See [`HealthConfig::unhealthy_threshold`].
+    pub unhealthy_threshold: Option<u32>,
+    /// See [`HealthConfig::healthy_threshold`].
+    pub healthy_threshold: Option<u32>,
+}
+
+/// The effective health check of one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path to GET.
+    pub path: String,
+    /// ms between checks.
+    pub interval_ms: u64,
+    /// ms per check.
+    pub timeout_ms: u64,
+    /// Failures in a row to turn unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row to turn healthy.
+    pub healthy_threshold: u32,
 }
 
 /// Passive ejection, or outlier detection (`ejection:`): a backend that fails
@@ -795,6 +904,40 @@ impl Config {
                 "must be at least 1 ms".into(),
             );
         }
+        for i in 0..self.backends.len() {
+            let Some(h) = self.health_check(i) else {
+                continue;
+            };
+            let prefix = if self.backends[i].health.is_some() {
+                format!("backends[{i}].health")
+            } else {
+                "health".to_owned()
+            };
+            if !h.path.starts_with('/') {
+                bad(
+                    format!("{prefix}.path"),
+                    "health.path",
+                    format!("must start with '/', got {:?}", h.path),
+                );
+            }
+            if h.interval_ms == 0 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+                bad(
+                    format!("{prefix}.timeout_ms"),
+                    "health.timeout_ms",
+                    format!(
+                        "interval_ms ({}) and timeout_ms ({}) must be ≥ 1, with timeout_ms ≤ interval_ms",
+                        h.interval_ms, h.timeout_ms
+                    ),
+                );
+            }
+            if h.unhealthy_threshold == 0 || h.healthy_threshold == 0 {
+                bad(
+                    format!("{prefix}.unhealthy_threshold"),
+                    "health.unhealthy_threshold",
+                    "unhealthy_threshold and healthy_threshold must be ≥ 1".into(),
+                );
+            }
+        }
         if self.ejection.max_percent > 100 {
             bad(
                 "ejection.max_percent".into(),
@@ -828,6 +971,21 @@ impl Config {
         } else {
             Err(ConfigError { issues })
         }
+    }
+
+    /// The effective health check of backend `index`: the top-level `health:` with the
+    /// backend's overrides applied; `None` when no path is set.
+    #[must_use]
+    pub fn health_check(&self, index: usize) -> Option<HealthCheck> {
+        let g = &self.health;
+        let o = self.backends.get(index)?.health.clone().unwrap_or_default();
+        Some(HealthCheck {
+            path: o.path.or_else(|| g.path.clone())?,
+            interval_ms: o.interval_ms.unwrap_or(g.interval_ms),
+            timeout_ms: o.timeout_ms.unwrap_or(g.timeout_ms),
+            unhealthy_threshold: o.unhealthy_threshold.unwrap_or(g.unhealthy_threshold),
+            healthy_threshold: o.healthy_threshold.unwrap_or(g.healthy_threshold),
+        })
     }
 
     /// Number of consumer channels: `amqp.consumers`, or the sum of `max_in_flight` when 0.
@@ -997,6 +1155,35 @@ mod tests {
         assert_eq!(c.consumer_count(), 5);
         c.amqp.consumers = 2;
         assert_eq!(c.consumer_count(), 2);
+    }
+
+    #[test]
+    fn health_checks_merge_per_backend_overrides() {
+        let mut c = valid();
+        assert_eq!(c.health_check(0), None, "off without a path");
+        c.health.path = Some("/healthz".into());
+        c.backends.push(BackendConfig {
+            health: Some(HealthOverride {
+                path: Some("/ready".into()),
+                interval_ms: Some(500),
+                timeout_ms: Some(200),
+                ..HealthOverride::default()
+            }),
+            ..BackendConfig::new("http://127.0.0.1:8081/")
+        });
+        let h0 = c.health_check(0).expect("on");
+        assert_eq!(
+            (h0.path.as_str(), h0.interval_ms, h0.unhealthy_threshold),
+            ("/healthz", 5_000, 3)
+        );
+        let h1 = c.health_check(1).expect("on");
+        assert_eq!(
+            (h1.path.as_str(), h1.interval_ms, h1.timeout_ms),
+            ("/ready", 500, 200)
+        );
+        assert_eq!(h1.healthy_threshold, 2, "unset fields come from the top level");
+        c.health.path = Some("healthz".into());
+        assert_eq!(keys(c), ["health.path"]);
     }
 
     #[test]

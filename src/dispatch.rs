@@ -54,7 +54,7 @@ pub enum Attempted {
         /// Its answer.
         result: Result<(), BackendError>,
     },
-    /// Shutdown came first: no backend answer to act on.
+    /// Shutdown or a pause came first: no backend answer to act on.
     Abandoned,
 }
 
@@ -133,6 +133,12 @@ impl Dispatcher {
         &self.backends
     }
 
+    /// The backend pool.
+    #[must_use]
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     /// The dead-letter publisher.
     #[must_use]
     pub fn dead_letter(&self) -> &DeadLetterPublisher {
@@ -193,9 +199,12 @@ impl Dispatcher {
 
     /// Sends the delivery to a backend, unless shutdown intervenes.
     async fn attempt(&self, env: &request::Envelope<'_>, body: Bytes) -> Attempted {
+        let mut usable = self.pool.usable();
         let lease = tokio::select! {
             biased;
             () = self.draining.cancelled() => return Attempted::Abandoned,
+            // No usable backend: consumption pauses; hand the delivery back unattempted.
+            Ok(_) = usable.wait_for(|n| *n == 0) => return Attempted::Abandoned,
             lease = self.pool.acquire() => lease,
         };
         let index = lease.index();

@@ -29,11 +29,17 @@ use crate::{
         dead_letter::DeadLetterPublisher,
         topology::{self, TopologyError},
     },
-    backend::{Backend, Client},
+    backend::{
+        Backend, Client,
+        health::{HealthChecker, Target},
+    },
     balance::{self, Hooks, Pool},
     config::{Config, redact_url},
     dispatch::Dispatcher,
 };
+
+/// How often a paused sidecar probes backends that have no health check.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long after the drain deadline abandoned deliveries get to be nack-requeued.
 const SETTLE_AFTER_ABORT: Duration = Duration::from_secs(5);
@@ -105,6 +111,10 @@ pub struct Sidecar {
     tracker: TaskTracker,
     draining: CancellationToken,
     abort: CancellationToken,
+    /// Active health checks (taken by `run()`), if any backend has a health path.
+    checker: Option<HealthChecker>,
+    /// Backends without a health check, with their address, probed by TCP while paused.
+    probe_targets: Vec<(usize, Option<SocketAddr>)>,
 }
 
 impl Sidecar {
@@ -163,7 +173,6 @@ impl Sidecar {
             config.ejection.clone(),
             hooks,
         );
-        health.set_usable_backends(backends.len());
         let max_idle = config
             .backends
             .iter()
@@ -186,6 +195,39 @@ impl Sidecar {
             abort.clone(),
         ));
         health.set_expected_consumers(config.consumer_count() as usize);
+        let mut targets = Vec::new();
+        let mut probe_targets = Vec::new();
+        for (i, b) in dispatcher.backends().iter().enumerate() {
+            match config.health_check(i) {
+                Some(check) => {
+                    let url = b.url.join(&check.path).map_err(|e| {
+                        SidecarError::Client(format!("health path {:?}: {e}", check.path))
+                    })?;
+                    targets.push(Target {
+                        index: i,
+                        label: b.label.clone(),
+                        url,
+                        check,
+                        metrics: b.metrics.clone(),
+                    });
+                }
+                None => probe_targets.push((
+                    i,
+                    b.url
+                        .socket_addrs(|| None)
+                        .ok()
+                        .and_then(|a| a.first().copied()),
+                )),
+            }
+        }
+        let checker = if targets.is_empty() {
+            None
+        } else {
+            Some(
+                HealthChecker::new(Arc::clone(dispatcher.pool()), targets)
+                    .map_err(|e| SidecarError::Client(e.to_string()))?,
+            )
+        };
         Ok(Self {
             config,
             health,
@@ -195,6 +237,8 @@ impl Sidecar {
             tracker: TaskTracker::new(),
             draining,
             abort,
+            checker,
+            probe_targets,
         })
     }
 
@@ -222,6 +266,22 @@ impl Sidecar {
             .admin
             .take()
             .map(|a| tokio::spawn(a.run(admin_stop.clone())));
+        let checker = self
+            .checker
+            .take()
+            .map(|c| tokio::spawn(c.run(admin_stop.clone())));
+        // Readiness follows the number of usable backends.
+        let mirror = {
+            let (health, mut usable) = (Arc::clone(&self.health), self.dispatcher.pool().usable());
+            tokio::spawn(async move {
+                loop {
+                    health.set_usable_backends(*usable.borrow_and_update());
+                    if usable.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         // Shutdown starts: readiness goes, and deliveries waiting for a backend are released.
         let watcher = {
             let (health, draining, shutdown) = (
@@ -255,7 +315,11 @@ impl Sidecar {
         self.health.set_connected(false);
         self.health.set_consumers(0);
         watcher.abort();
+        mirror.abort();
         admin_stop.cancel();
+        if let Some(checker) = checker {
+            let _ = checker.await;
+        }
         if let Some(admin) = admin {
             let _ = admin.await;
         }
@@ -372,13 +436,12 @@ impl Sidecar {
         }
     }
 
-    /// Runs the consumers of one connection until shutdown or the first loss.
+    /// Runs the consumers of one connection until shutdown or the first loss, pausing them
+    /// while no backend is usable.
     async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let cfg = &self.config;
-        let stop = shutdown.child_token();
         let n = cfg.consumer_count() as usize;
-        let mut set = JoinSet::new();
-        let mut channels = Vec::with_capacity(n);
+        let mut consumers = Vec::with_capacity(n);
         for i in 0..n {
             let opened = Consumer::open(
                 conn,
@@ -387,17 +450,11 @@ impl Sidecar {
                 cfg.amqp.prefetch,
                 Arc::clone(&self.dispatcher),
                 self.tracker.clone(),
-                stop.clone(),
             )
             .await;
             match opened {
-                Ok(c) => {
-                    channels.push(c.channel());
-                    set.spawn(c.run());
-                }
+                Ok(c) => consumers.push(c),
                 Err(e) => {
-                    stop.cancel();
-                    while set.join_next().await.is_some() {}
                     return SessionEnd::Lost(format!(
                         "opening consumer {i}: {}",
                         amqp::describe(&e)
@@ -405,27 +462,119 @@ impl Sidecar {
                 }
             }
         }
-        self.health.set_consumers(n);
-        tracing::info!(consumers = n, prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
-        let first = tokio::select! {
-            () = shutdown.cancelled() => None,
-            r = set.join_next() => r,
-        };
-        stop.cancel();
-        while set.join_next().await.is_some() {}
-        self.health.set_consumers(0);
-        match first {
-            None => SessionEnd::Shutdown(channels),
-            Some(Ok(ConsumerExit::Stopped)) if shutdown.is_cancelled() => {
-                SessionEnd::Shutdown(channels)
+        let channels: Vec<Channel> = consumers.iter().map(Consumer::channel).collect();
+        let mut usable = self.dispatcher.pool().usable();
+        loop {
+            // Consuming.
+            let stop = shutdown.child_token();
+            let mut set = JoinSet::new();
+            for c in consumers.drain(..) {
+                set.spawn(c.run(stop.clone()));
             }
-            Some(Ok(ConsumerExit::CancelledByBroker)) => {
-                SessionEnd::Lost("consumer cancelled by the broker".into())
+            self.health.set_consumers(n);
+            tracing::info!(consumers = n, prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
+            enum Why {
+                Shutdown,
+                Pause,
+                Exit(ConsumerExit),
             }
-            Some(Ok(ConsumerExit::Failed(reason))) => SessionEnd::Lost(reason),
-            Some(Ok(ConsumerExit::Stopped)) => SessionEnd::Lost("consumer stopped".into()),
-            Some(Err(e)) => SessionEnd::Lost(format!("consumer task failed: {e}")),
+            let why = tokio::select! {
+                () = shutdown.cancelled() => Why::Shutdown,
+                Ok(_) = usable.wait_for(|u| *u == 0) => Why::Pause,
+                Some(r) = set.join_next() => match r {
+                    Ok((c, exit)) => {
+                        consumers.push(c);
+                        Why::Exit(exit)
+                    }
+                    Err(e) => Why::Exit(ConsumerExit::Failed(format!("consumer task failed: {e}"))),
+                },
+            };
+            stop.cancel();
+            while let Some(r) = set.join_next().await {
+                if let Ok((c, _)) = r {
+                    consumers.push(c);
+                }
+            }
+            self.health.set_consumers(0);
+            match why {
+                Why::Shutdown => return SessionEnd::Shutdown(channels),
+                Why::Exit(ConsumerExit::Stopped) if shutdown.is_cancelled() => {
+                    return SessionEnd::Shutdown(channels);
+                }
+                Why::Exit(ConsumerExit::CancelledByBroker) => {
+                    return SessionEnd::Lost("consumer cancelled by the broker".into());
+                }
+                Why::Exit(ConsumerExit::Failed(reason)) => return SessionEnd::Lost(reason),
+                Why::Exit(ConsumerExit::Stopped) => {
+                    return SessionEnd::Lost("consumer stopped".into());
+                }
+                Why::Pause => {}
+            }
+
+            // Paused: no backend is usable. Every consumer is cancelled, so the messages go to
+            // other pods instead of burning attempts here; probe until a backend answers.
+            tracing::warn!("no usable backend (all unhealthy or ejected): consumption paused");
+            self.health.set_paused(true);
+            let probe_stop = CancellationToken::new();
+            let probe = tokio::spawn(probe_unusable(
+                Arc::clone(self.dispatcher.pool()),
+                self.probe_targets.clone(),
+                probe_stop.clone(),
+            ));
+            let resumed = tokio::select! {
+                () = shutdown.cancelled() => None,
+                Ok(_) = usable.wait_for(|u| *u > 0) => Some(Ok(())),
+                () = connection_lost(conn) => Some(Err("connection lost while paused".to_owned())),
+            };
+            probe_stop.cancel();
+            let _ = probe.await;
+            self.health.set_paused(false);
+            match resumed {
+                None => return SessionEnd::Shutdown(channels),
+                Some(Err(reason)) => return SessionEnd::Lost(reason),
+                Some(Ok(())) => {}
+            }
+            for c in &mut consumers {
+                if let Err(e) = c.resubscribe().await {
+                    return SessionEnd::Lost(format!(
+                        "resubscribing after a pause: {}",
+                        amqp::describe(&e)
+                    ));
+                }
+            }
+            tracing::info!("a backend is usable again: consumption resumed");
         }
+    }
+}
+
+/// While paused, TCP-probes the unusable backends that have no active health check, and
+/// readmits the first that accepts a connection. (Health-checked backends come back through
+/// their checks.) Probes connect only: no message is consumed to find out.
+async fn probe_unusable(
+    pool: Arc<Pool>,
+    targets: Vec<(usize, Option<SocketAddr>)>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for &(i, addr) in &targets {
+            let Some(addr) = addr else { continue };
+            if !pool.is_usable(i) && crate::backend::health::tcp_probe(addr, PROBE_INTERVAL).await {
+                tracing::info!(backend = i, %addr, "probe connected: readmitting the backend");
+                pool.readmit(i);
+            }
+        }
+    }
+}
+
+/// Resolves once the connection is no longer connected.
+async fn connection_lost(conn: &Connection) {
+    while conn.status().connected() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

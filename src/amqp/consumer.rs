@@ -23,7 +23,7 @@ const CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Why a consumer stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerExit {
-    /// We cancelled it (shutdown).
+    /// We cancelled it (shutdown or pause).
     Stopped,
     /// The broker cancelled it (queue deleted, or basic.cancel from the server).
     CancelledByBroker,
@@ -37,11 +37,10 @@ pub struct Consumer {
     channel: Channel,
     stream: lapin::Consumer,
     tag: ShortString,
+    queue: String,
     dispatcher: Arc<Dispatcher>,
     /// Tracks the per-delivery tasks, so shutdown can wait for them.
     tracker: TaskTracker,
-    /// Cancelled to stop consuming (basic.cancel).
-    stop: CancellationToken,
 }
 
 impl Consumer {
@@ -50,7 +49,6 @@ impl Consumer {
     ///
     /// # Errors
     /// The lapin error of whichever step failed.
-    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         conn: &Connection,
         index: usize,
@@ -58,41 +56,45 @@ impl Consumer {
         prefetch: u16,
         dispatcher: Arc<Dispatcher>,
         tracker: TaskTracker,
-        stop: CancellationToken,
     ) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
         let tag = ShortString::from(format!("amqp-sidecar-{}-{index}", std::process::id()));
-        let stream = channel
-            .basic_consume(
-                ShortString::from(queue),
-                tag.clone(),
-                BasicConsumeOptions {
-                    no_ack: false,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let stream = subscribe(&channel, queue, &tag).await?;
         Ok(Self {
             index,
             channel,
             stream,
             tag,
+            queue: queue.to_owned(),
             dispatcher,
             tracker,
-            stop,
         })
     }
 
-    /// Consumes until stopped, cancelled by the broker, or failed.
-    pub async fn run(mut self) -> ConsumerExit {
+    /// basic.consume again on the same channel, after a pause.
+    ///
+    /// # Errors
+    /// The lapin error when the channel is gone or the queue is missing.
+    pub async fn resubscribe(&mut self) -> Result<(), lapin::Error> {
+        self.stream = subscribe(&self.channel, &self.queue, &self.tag).await?;
+        Ok(())
+    }
+
+    /// Consumes until `stop` is cancelled (then basic.cancel), the broker cancels the
+    /// consumer, or the channel fails. Returns itself, so a paused consumer can resubscribe.
+    pub async fn run(mut self, stop: CancellationToken) -> (Self, ConsumerExit) {
+        let exit = self.consume(&stop).await;
+        (self, exit)
+    }
+
+    async fn consume(&mut self, stop: &CancellationToken) -> ConsumerExit {
         loop {
             tokio::select! {
                 biased;
-                () = self.stop.cancelled() => {
+                () = stop.cancelled() => {
                     self.cancel().await;
                     return ConsumerExit::Stopped;
                 }
@@ -108,7 +110,7 @@ impl Consumer {
                         return ConsumerExit::Failed(reason);
                     }
                     None => {
-                        if self.stop.is_cancelled() {
+                        if stop.is_cancelled() {
                             return ConsumerExit::Stopped;
                         }
                         tracing::warn!(consumer = self.index, "consumer cancelled by the broker (queue deleted?)");
@@ -144,4 +146,22 @@ impl Consumer {
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
+}
+
+async fn subscribe(
+    channel: &Channel,
+    queue: &str,
+    tag: &ShortString,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            ShortString::from(queue),
+            tag.clone(),
+            BasicConsumeOptions {
+                no_ack: false,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }

@@ -5,6 +5,7 @@
 //! proxies off (loopback backends must never go through `HTTP_PROXY`), redirects off (a
 //! worker that redirects is misconfigured, and following it would hide that).
 
+pub mod health;
 pub mod request;
 
 use std::time::{Duration, Instant, SystemTime};

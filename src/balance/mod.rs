@@ -28,7 +28,7 @@ use std::{
 
 use tokio::sync::{Notify, watch};
 
-pub use strategy::{LeastInFlight, RoundRobin};
+pub use strategy::{LeastInFlight, PowerOfTwo, RandomPick, RoundRobin, WeightedRoundRobin};
 
 use crate::config::{BalancerKind, EjectionConfig};
 
@@ -66,8 +66,9 @@ impl Load {
 
 /// A strategy that picks a backend.
 pub trait Balance: Send {
-    /// Returns the index into `loads` of the backend to use, or `None` when none has
-    /// capacity. Must only return an index whose [`Load::has_capacity`] is true.
+    /// Returns the index into `loads` of the backend to use, or `None` to wait for a
+    /// release (none has capacity, or a strict strategy's turn is on a full backend). Must
+    /// only return an index whose [`Load::has_capacity`] is true.
     fn pick(&mut self, loads: &[Load]) -> Option<usize>;
 }
 
@@ -76,7 +77,10 @@ pub trait Balance: Send {
 pub fn strategy(kind: BalancerKind) -> Box<dyn Balance> {
     match kind {
         BalancerKind::LeastInFlight => Box::new(LeastInFlight::default()),
+        BalancerKind::PowerOfTwo => Box::new(PowerOfTwo::new()),
         BalancerKind::RoundRobin => Box::new(RoundRobin::default()),
+        BalancerKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::default()),
+        BalancerKind::Random => Box::new(RandomPick::new()),
     }
 }
 
@@ -239,7 +243,12 @@ impl Pool {
             // Register before checking, so a release in between is not missed.
             notified.as_mut().enable();
             match self.try_acquire_at(Instant::now()) {
-                Ok(lease) => return lease,
+                Ok(lease) => {
+                    // Pass the wake-up on: another waiter may fit too (a strict strategy's
+                    // next turn can be on a backend that was already free).
+                    self.released.notify_one();
+                    return lease;
+                }
                 Err(Some(back_at)) => {
                     tokio::select! {
                         () = notified => {}
@@ -315,6 +324,17 @@ impl Pool {
         if healthy {
             self.released.notify_waiters();
         }
+    }
+
+    /// Ends backend `index`'s ejection early (a probe found it answering while paused).
+    pub fn readmit(&self, index: usize) {
+        let mut state = self.lock();
+        state.ejections[index].until = None;
+        state.ejections[index].consecutive_failures = 0;
+        state.refresh(Instant::now());
+        self.usable.send_replace(state.usable_count());
+        drop(state);
+        self.released.notify_waiters();
     }
 
     /// True when backend `index` may take requests (healthy and not ejected).
