@@ -1181,7 +1181,10 @@ mod tests {
             (h1.path.as_str(), h1.interval_ms, h1.timeout_ms),
             ("/ready", 500, 200)
         );
-        assert_eq!(h1.healthy_threshold, 2, "unset fields come from the top level");
+        assert_eq!(
+            h1.healthy_threshold, 2,
+            "unset fields come from the top level"
+        );
         c.health.path = Some("healthz".into());
         assert_eq!(keys(c), ["health.path"]);
     }

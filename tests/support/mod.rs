@@ -306,7 +306,8 @@ pub struct WorkerBuilder {
     latency: Duration,
     script: Script,
     gate: Option<Arc<Gate>>,
-    health: u16,
+    health: Arc<std::sync::atomic::AtomicU16>,
+    addr: Option<SocketAddr>,
 }
 
 /// Holds requests until opened.
@@ -353,21 +354,31 @@ impl WorkerBuilder {
         self.gate = Some(gate);
         self
     }
+    /// Listen on `addr` (e.g. to bring a killed worker back on its port).
+    pub fn on(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
+    }
     /// Starts the worker on 127.0.0.1:0. Its connections are owned by the server task, so
     /// [`Worker::kill`] resets requests in flight, as a crashed process would.
     pub async fn spawn(self) -> Worker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let bind = self
+            .addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = tokio::net::TcpListener::bind(bind)
             .await
             .expect("bind worker");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(WorkerState::default());
         let app_state = (Arc::clone(&state), self.script, self.latency, self.gate);
-        let health = self.health;
+        let health = Arc::clone(&self.health);
         let app = Router::new()
             .route("/", post(handle))
             .route(
                 "/healthz",
-                get(move || async move { StatusCode::from_u16(health).unwrap_or(StatusCode::OK) }),
+                get(move || async move {
+                    StatusCode::from_u16(health.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK)
+                }),
             )
             .with_state(app_state);
         let task = tokio::spawn(async move {
@@ -387,7 +398,12 @@ impl WorkerBuilder {
                 }
             }
         });
-        Worker { addr, state, task }
+        Worker {
+            addr,
+            state,
+            task,
+            health: self.health,
+        }
     }
 }
 
@@ -451,6 +467,7 @@ pub struct Worker {
     pub addr: SocketAddr,
     state: Arc<WorkerState>,
     task: JoinHandle<()>,
+    health: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Worker {
@@ -459,7 +476,8 @@ impl Worker {
             latency: Duration::ZERO,
             script: Arc::new(|_, _| Reply::status(200)),
             gate: None,
-            health: 200,
+            health: Arc::new(std::sync::atomic::AtomicU16::new(200)),
+            addr: None,
         }
     }
     pub fn url(&self) -> String {
@@ -476,6 +494,10 @@ impl Worker {
     }
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+    /// Sets the status its GET /healthz answers.
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
     }
     /// Message ids answered 2xx, duplicates included.
     pub fn succeeded(&self) -> Vec<String> {
@@ -793,4 +815,29 @@ impl Process {
         })
         .await;
     }
+}
+
+/// Takes (and acks) up to `n` messages from `queue` as a second consumer would.
+pub async fn take_n(conn: &Connection, queue: &str, n: usize) -> usize {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut got = 0;
+    while got < n {
+        match ch
+            .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic_get")
+        {
+            Some(m) => {
+                m.delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .expect("ack");
+                got += 1;
+            }
+            None => break,
+        }
+    }
+    let _ = ch.close(200, ShortString::from("done")).await;
+    got
 }
