@@ -155,6 +155,21 @@ fn describe() {
         "Requests in flight to the backend: its queue length as the balancer sees it."
     );
     describe_gauge!(
+        BACKEND_HEALTHY,
+        Unit::Count,
+        "1 while the backend passes its active health checks (always 1 without checks), else 0."
+    );
+    describe_counter!(
+        BACKEND_EJECTIONS,
+        Unit::Count,
+        "Passive ejections of the backend after consecutive retryable failures."
+    );
+    describe_gauge!(
+        PAUSED,
+        Unit::Count,
+        "1 while consumption is paused because no backend is usable, else 0."
+    );
+    describe_gauge!(
         CONNECTED,
         Unit::Count,
         "1 while connected to the broker, else 0."

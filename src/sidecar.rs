@@ -128,6 +128,10 @@ impl Sidecar {
     pub async fn bind(config: Config) -> Result<Self, SidecarError> {
         let handle = crate::metrics::install();
         let health = Arc::new(Health::default());
+        // Publish every gauge from the start, so dashboards and alerts see 0, not nothing.
+        health.set_connected(false);
+        health.set_consumers(0);
+        health.set_paused(false);
         let admin = AdminServer::bind(config.admin.listen, handle, Arc::clone(&health))
             .await
             .map_err(|source| SidecarError::AdminBind {
