@@ -85,7 +85,8 @@ pub struct Dispatcher {
     client: Client,
     dead_letter: DeadLetterPublisher,
     metrics: QueueMetrics,
-    /// Cancelled when shutdown starts: deliveries still waiting for a backend are released.
+    /// Cancelled when shutdown starts: deliveries still waiting for a backend are released,
+    /// and backoffs end early (their deliveries are requeued at once).
     draining: CancellationToken,
     /// Cancelled when the drain deadline passes: requests and backoffs are abandoned and their
     /// deliveries requeued.
@@ -310,7 +311,7 @@ impl Dispatcher {
                     delay_ms = delay.as_millis() as u64,
                     "retryable failure; requeueing after backoff"
                 );
-                self.sleep_unless_aborted(delay).await;
+                self.backoff_sleep(delay).await;
                 if self.sent(
                     "reject(requeue)",
                     acker.reject(BasicRejectOptions { requeue: true }).await,
@@ -355,7 +356,7 @@ impl Dispatcher {
                         self.metrics.dead_letter_failures.increment(1);
                         // Back off before the requeue so a missing DLX does not become a hot loop.
                         let delay = self.backoff.delay(attempt.number, &mut rand::rng());
-                        self.sleep_unless_aborted(delay).await;
+                        self.backoff_sleep(delay).await;
                         if self.sent(
                             "reject(requeue)",
                             acker.reject(BasicRejectOptions { requeue: true }).await,
@@ -385,10 +386,12 @@ impl Dispatcher {
         self.settle(Verdict::Release, held, &attempt).await;
     }
 
-    async fn sleep_unless_aborted(&self, delay: Duration) {
+    /// Waits out a backoff before a requeue, but not past the start of shutdown: the
+    /// message is going back to the queue anyway, and the drain should not wait for it.
+    async fn backoff_sleep(&self, delay: Duration) {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = self.abort.cancelled() => {}
+            () = self.draining.cancelled() => {}
         }
     }
 

@@ -554,3 +554,38 @@ async fn odd_headers_and_huge_responses_do_not_stop_delivery() {
     acc.assert_no_loss("odd-headers");
     cleanup(&conn, &cfg).await;
 }
+
+#[tokio::test]
+async fn a_delivery_waiting_out_its_backoff_is_requeued_at_once_on_shutdown() {
+    let conn = broker().await;
+    let queue = unique("backoff-shutdown");
+    let worker = Worker::builder()
+        .respond(|_, _| Reply::status(503).with_header("retry-after", "60"))
+        .spawn()
+        .await;
+    let mut cfg = config(&queue, vec![backend(&worker, 1)]);
+    cfg.retry.backoff_max_ms = 60_000;
+    cfg.shutdown.grace_ms = 30_000;
+    declare(&conn, &cfg).await;
+    publish_n(&conn, &queue, 1).await;
+    let sidecar = start(cfg.clone()).await;
+    wait_until("first attempt failed", Duration::from_secs(20), || async {
+        worker.count() == 1
+    })
+    .await;
+    let started = Instant::now();
+    sidecar.stop().await.expect("clean stop");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown did not wait out the 60 s backoff ({took:?})"
+    );
+    let q = [("queue", queue.as_str())];
+    assert_eq!(
+        metric_value(&metrics_now(), "amqp_sidecar_requeues_total", &q),
+        1.0
+    );
+    assert_eq!(ready(&conn, &queue).await, 1, "requeued, not lost");
+    assert_eq!(worker.count(), 1);
+    cleanup(&conn, &cfg).await;
+}
