@@ -427,7 +427,7 @@ impl Sidecar {
                 SessionEnd::Shutdown(channels) => return Ok(Some((conn, channels))),
                 SessionEnd::Lost(reason) => {
                     self.health.set_connected(false);
-                    self.health.set_error(format!("connection lost: {reason}"));
+                    self.health.set_error(format!("reconnecting: {reason}"));
                     let _ = conn.close(200, ShortString::from("reconnecting")).await;
                     let wait = delay.next();
                     tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "lost the broker connection or a consumer; reconnecting");

@@ -191,3 +191,42 @@ fn the_example_config_is_valid() {
         "password redacted"
     );
 }
+
+#[tokio::test]
+async fn the_password_never_appears_in_logs() {
+    let worker = Worker::builder().spawn().await;
+    let mut cfg = config(&unique("secret-logs"), vec![backend(&worker, 1)]);
+    // Nothing listens there: the sidecar logs its failed connection attempts, with the URL.
+    cfg.amqp.url = format!("amqp://guest:Very-Secret-Pw@127.0.0.1:{}/%2f", free_port());
+    cfg.amqp.reconnect_initial_ms = 50;
+    cfg.amqp.reconnect_max_ms = 100;
+    cfg.log.format = amqp_sidecar::config::LogFormat::Json;
+    let mut sidecar = spawn_binary(&cfg);
+    wait_until(
+        "a failed attempt logged",
+        std::time::Duration::from_secs(10),
+        || async { sidecar.log().matches("cannot connect").count() >= 2 },
+    )
+    .await;
+    sidecar.signal("TERM");
+    assert_eq!(
+        sidecar
+            .wait(std::time::Duration::from_secs(10))
+            .await
+            .code(),
+        Some(0)
+    );
+    let log = sidecar.log();
+    assert!(
+        !log.contains("Very-Secret-Pw"),
+        "password in the logs:\n{log}"
+    );
+    assert!(
+        log.contains("guest:***@127.0.0.1"),
+        "the URL is logged, redacted:\n{log}"
+    );
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    }
+}

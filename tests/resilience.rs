@@ -589,3 +589,39 @@ async fn a_delivery_waiting_out_its_backoff_is_requeued_at_once_on_shutdown() {
     assert_eq!(worker.count(), 1);
     cleanup(&conn, &cfg).await;
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_broker_requeues() {
+    let conn = broker().await;
+    let queue = unique("second-signal");
+    let gate = Arc::new(Gate::default());
+    let stuck = Worker::builder().gate(Arc::clone(&gate)).spawn().await;
+    let mut cfg = config(&queue, vec![backend(&stuck, 3)]);
+    cfg.backends[0].timeout_ms = 60_000;
+    cfg.shutdown.grace_ms = 60_000;
+    declare(&conn, &cfg).await;
+    publish_n(&conn, &queue, 3).await;
+    let mut sidecar = spawn_binary(&cfg);
+    wait_until("3 requests held", Duration::from_secs(20), || async {
+        stuck.in_flight() == 3
+    })
+    .await;
+    sidecar.signal("TERM");
+    wait_until("draining", Duration::from_secs(5), || async {
+        sidecar.log().contains("draining")
+    })
+    .await;
+    let started = Instant::now();
+    sidecar.signal("TERM");
+    let status = sidecar.wait(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130), "forced exit");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    wait_until(
+        "the broker requeued the unacked deliveries",
+        Duration::from_secs(10),
+        || async { ready(&conn, &queue).await == 3 },
+    )
+    .await;
+    gate.open();
+    cleanup(&conn, &cfg).await;
+}
