@@ -74,20 +74,7 @@ async fn shortest_queue_beats_round_robin_on_unequal_backends() {
 async fn no_backend_ever_exceeds_max_in_flight() {
     let conn = broker().await;
     let queue = unique("max-in-flight");
-    let workers = [
-        Worker::builder()
-            .latency(Duration::from_millis(15))
-            .spawn()
-            .await,
-        Worker::builder()
-            .latency(Duration::from_millis(15))
-            .spawn()
-            .await,
-        Worker::builder()
-            .latency(Duration::from_millis(15))
-            .spawn()
-            .await,
-    ];
+    let workers = workers_with_latency(&[15, 15, 15]).await;
     let limits = [1u32, 2, 3];
     let backends = workers
         .iter()

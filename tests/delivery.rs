@@ -16,20 +16,7 @@ use support::*;
 async fn every_message_is_delivered_once_and_acked() {
     let conn = broker().await;
     let queue = unique("once");
-    let workers = [
-        Worker::builder()
-            .latency(Duration::from_millis(1))
-            .spawn()
-            .await,
-        Worker::builder()
-            .latency(Duration::from_millis(3))
-            .spawn()
-            .await,
-        Worker::builder()
-            .latency(Duration::from_millis(5))
-            .spawn()
-            .await,
-    ];
+    let workers = workers_with_latency(&[1, 3, 5]).await;
     let cfg = config(&queue, workers.iter().map(|w| backend(w, 2)).collect());
     declare(&conn, &cfg).await;
     const N: usize = 300;

@@ -18,15 +18,8 @@ async fn run(
 ) -> (Vec<usize>, Vec<usize>, Duration) {
     let conn = broker().await;
     let queue = unique(balancer.name());
-    let mut workers = Vec::new();
-    for &(ms, _, _) in spec {
-        workers.push(
-            Worker::builder()
-                .latency(Duration::from_millis(ms))
-                .spawn()
-                .await,
-        );
-    }
+    let latencies: Vec<u64> = spec.iter().map(|&(ms, _, _)| ms).collect();
+    let workers = workers_with_latency(&latencies).await;
     let backends = workers
         .iter()
         .zip(spec)

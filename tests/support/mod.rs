@@ -462,6 +462,20 @@ async fn handle(
     resp
 }
 
+/// Workers answering 200 after the given latencies (ms), one each.
+pub async fn workers_with_latency(ms: &[u64]) -> Vec<Worker> {
+    let mut out = Vec::with_capacity(ms.len());
+    for &m in ms {
+        out.push(
+            Worker::builder()
+                .latency(Duration::from_millis(m))
+                .spawn()
+                .await,
+        );
+    }
+    out
+}
+
 /// A running scripted worker.
 pub struct Worker {
     pub addr: SocketAddr,
