@@ -1013,6 +1013,13 @@ impl Config {
 
 /// Returns `url` with its password (if any) replaced by `***`. Never fails: a string that
 /// does not parse as a URL is replaced entirely, since it could hold anything.
+///
+/// ```
+/// use amqp_sidecar::config::redact_url;
+/// assert_eq!(redact_url("amqp://app:s3cret@rabbit:5672/%2f"), "amqp://app:***@rabbit:5672/%2f");
+/// assert_eq!(redact_url("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
+/// assert_eq!(redact_url("not a url"), "<unparseable URL, redacted>");
+/// ```
 #[must_use]
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
