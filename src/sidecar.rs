@@ -38,6 +38,12 @@ use crate::{
     dispatch::Dispatcher,
 };
 
+/// A session that lasted this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// Longest wait for a channel or connection close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a paused sidecar probes backends that have no health check.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -304,9 +310,13 @@ impl Sidecar {
             Ok(Some((conn, channels))) => {
                 self.drain().await;
                 for ch in channels {
-                    let _ = ch.close(200, ShortString::from("shutdown")).await;
+                    let _ = tokio::time::timeout(
+                        CLOSE_TIMEOUT,
+                        ch.close(200, ShortString::from("shutdown")),
+                    )
+                    .await;
                 }
-                let _ = conn.close(200, ShortString::from("shutdown")).await;
+                close_quietly(&conn, "shutdown").await;
                 Ok(())
             }
             Ok(None) => {
@@ -404,7 +414,7 @@ impl Sidecar {
                 }
             };
             if let Err(e) = topology::ensure(&conn, cfg).await {
-                let _ = conn.close(200, ShortString::from("topology error")).await;
+                close_quietly(&conn, "topology error").await;
                 if e.is_permanent() && sessions == 0 {
                     return Err(e.into());
                 }
@@ -423,15 +433,20 @@ impl Sidecar {
             }
             sessions += 1;
             attempt = 0;
+            let session_started = std::time::Instant::now();
             match self.consume(&conn, shutdown).await {
                 SessionEnd::Shutdown(channels) => return Ok(Some((conn, channels))),
                 SessionEnd::Lost(reason) => {
                     self.health.set_connected(false);
                     self.health.set_error(format!("reconnecting: {reason}"));
-                    let _ = conn.close(200, ShortString::from("reconnecting")).await;
+                    close_quietly(&conn, "reconnecting").await;
+                    // A session that ran a while was healthy: start the backoff over. One that
+                    // failed at once (a queue deleted again and again) keeps backing off.
+                    if session_started.elapsed() >= STABLE_SESSION {
+                        delay.reset();
+                    }
                     let wait = delay.next();
                     tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "lost the broker connection or a consumer; reconnecting");
-                    delay.reset();
                     if !sleep_or_shutdown(wait, shutdown).await {
                         return Ok(None);
                     }
@@ -580,6 +595,12 @@ async fn connection_lost(conn: &Connection) {
     while conn.status().connected() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Closes a connection, giving up after [`CLOSE_TIMEOUT`]: a close on a half-dead
+/// connection can hang (lapin #409), and the broker cleans up after a dropped socket anyway.
+async fn close_quietly(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, ShortString::from(why))).await;
 }
 
 /// Sleeps `d`; returns false if shutdown came first.
