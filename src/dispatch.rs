@@ -98,6 +98,27 @@ struct Held {
     acker: Acker,
     properties: BasicProperties,
     body: Bytes,
+    routing_key: ShortString,
+    redelivered: bool,
+}
+
+impl Held {
+    /// What the attempt counter knows the message by.
+    fn identity(&self) -> DeliveryIdentity<'_> {
+        let p = &self.properties;
+        DeliveryIdentity {
+            delivery_count: p
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(&ShortString::from(DELIVERY_COUNT_HEADER))),
+            redelivered: self.redelivered,
+            message_id: p.message_id().as_ref().map(ShortString::as_str),
+            body: &self.body,
+            correlation_id: p.correlation_id().as_ref().map(ShortString::as_str),
+            timestamp: *p.timestamp(),
+            routing_key: self.routing_key.as_str(),
+        }
+    }
 }
 
 impl Dispatcher {
@@ -158,43 +179,32 @@ impl Dispatcher {
             data,
             acker,
         } = delivery;
-        let body = Bytes::from(data);
-        let attempt = self.counter.record(&DeliveryIdentity {
-            delivery_count: properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(&ShortString::from(DELIVERY_COUNT_HEADER))),
+        let held = Held {
+            acker,
+            properties,
+            body: Bytes::from(data),
+            routing_key,
             redelivered,
-            message_id: properties.message_id().as_ref().map(ShortString::as_str),
-            body: &body,
-            correlation_id: properties
-                .correlation_id()
-                .as_ref()
-                .map(ShortString::as_str),
-            timestamp: *properties.timestamp(),
-            routing_key: routing_key.as_str(),
-        });
+        };
+        let attempt = self.counter.attempt(&held.identity());
         tracing::trace!(tag = delivery_tag, attempt = attempt.number, "delivery");
-        let attempted = if body.len() > self.max_body_bytes {
-            Attempted::TooLarge { size: body.len() }
+        let attempted = if held.body.len() > self.max_body_bytes {
+            Attempted::TooLarge {
+                size: held.body.len(),
+            }
         } else if attempt.number > self.max_attempts {
             Attempted::AlreadyExhausted
         } else {
             let env = request::Envelope {
                 exchange: exchange.as_str(),
-                routing_key: routing_key.as_str(),
+                routing_key: held.routing_key.as_str(),
                 redelivered,
-                properties: &properties,
+                properties: &held.properties,
                 attempt: attempt.number,
             };
-            self.attempt(&env, body.clone()).await
+            self.attempt(&env, held.body.clone()).await
         };
         let verdict = self.decide(attempted, attempt.number);
-        let held = Held {
-            acker,
-            properties,
-            body,
-        };
         self.settle(verdict, held, &attempt).await;
     }
 
@@ -294,14 +304,9 @@ impl Dispatcher {
     }
 
     async fn settle(&self, verdict: Verdict, held: Held, attempt: &Attempt) {
-        let Held {
-            acker,
-            properties,
-            body,
-        } = held;
         match verdict {
             Verdict::Ack => {
-                if self.sent("ack", acker.ack(BasicAckOptions::default()).await) {
+                if self.sent("ack", held.acker.ack(BasicAckOptions::default()).await) {
                     self.metrics.acks.increment(1);
                     self.counter.forget(attempt);
                 }
@@ -311,26 +316,33 @@ impl Dispatcher {
                     delay_ms = delay.as_millis() as u64,
                     "retryable failure; requeueing after backoff"
                 );
+                self.counter.remember(attempt, &held.identity());
                 self.backoff_sleep(delay).await;
                 if self.sent(
                     "reject(requeue)",
-                    acker.reject(BasicRejectOptions { requeue: true }).await,
+                    held.acker
+                        .reject(BasicRejectOptions { requeue: true })
+                        .await,
                 ) {
                     self.metrics.requeues.increment(1);
                 }
             }
             Verdict::Release => {
-                self.counter.unrecord(attempt);
+                // Not remembered: a release does not count as an attempt.
                 let options = BasicNackOptions {
                     multiple: false,
                     requeue: true,
                 };
-                if self.sent("nack(requeue)", acker.nack(options).await) {
+                if self.sent("nack(requeue)", held.acker.nack(options).await) {
                     self.metrics.releases.increment(1);
                 }
             }
             Verdict::DeadLetter(failure) => {
-                match self.dead_letter.publish(&body, &properties, &failure).await {
+                match self
+                    .dead_letter
+                    .publish(&held.body, &held.properties, &failure)
+                    .await
+                {
                     Ok(()) => {
                         tracing::warn!(
                             reason = failure.reason.as_str(),
@@ -343,7 +355,7 @@ impl Dispatcher {
                         self.metrics
                             .dead_letters(failure.reason.as_str())
                             .increment(1);
-                        if self.sent("ack", acker.ack(BasicAckOptions::default()).await) {
+                        if self.sent("ack", held.acker.ack(BasicAckOptions::default()).await) {
                             self.counter.forget(attempt);
                         }
                     }
@@ -354,12 +366,15 @@ impl Dispatcher {
                             "dead-letter publish failed; requeueing the original, not acking it"
                         );
                         self.metrics.dead_letter_failures.increment(1);
+                        self.counter.remember(attempt, &held.identity());
                         // Back off before the requeue so a missing DLX does not become a hot loop.
                         let delay = self.backoff.delay(attempt.number, &mut rand::rng());
                         self.backoff_sleep(delay).await;
                         if self.sent(
                             "reject(requeue)",
-                            acker.reject(BasicRejectOptions { requeue: true }).await,
+                            held.acker
+                                .reject(BasicRejectOptions { requeue: true })
+                                .await,
                         ) {
                             self.metrics.requeues.increment(1);
                         }
@@ -372,17 +387,18 @@ impl Dispatcher {
     /// Releases a delivery without attempting it (consumer cancelled with it still buffered).
     pub async fn release(&self, delivery: Delivery) {
         self.metrics.deliveries.increment(1);
-        let (attempt, held) = (
-            Attempt {
-                number: 0,
-                key: None,
-            },
-            Held {
-                acker: delivery.acker,
-                properties: delivery.properties,
-                body: Bytes::new(),
-            },
-        );
+        let attempt = Attempt {
+            number: 0,
+            local: false,
+            key: None,
+        };
+        let held = Held {
+            acker: delivery.acker,
+            properties: delivery.properties,
+            body: Bytes::new(),
+            routing_key: delivery.routing_key,
+            redelivered: delivery.redelivered,
+        };
         self.settle(Verdict::Release, held, &attempt).await;
     }
 

@@ -116,12 +116,14 @@ pub struct DeliveryIdentity<'a> {
     pub routing_key: &'a str,
 }
 
-/// The attempt number of one delivery, and the key under which the sidecar tracks it.
+/// The attempt number of one delivery, and how the sidecar tracks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempt {
     /// 1-based attempt number of this delivery.
     pub number: u32,
-    /// The key of the local count, when the sidecar counts (None when the broker does).
+    /// True when the sidecar counts this message itself (no `x-delivery-count`).
+    pub local: bool,
+    /// The message's key in the local count, when it was looked up (redeliveries only).
     pub key: Option<u64>,
 }
 
@@ -132,6 +134,10 @@ struct Entry {
 }
 
 /// Counts attempts per message (see the module docs for how exact each way is).
+///
+/// The local count is touched only off the success path: a first delivery is attempt 1
+/// without a look-up, a failed attempt is stored when its delivery is requeued
+/// ([`AttemptCounter::remember`]), and a redelivery looks its count up.
 pub struct AttemptCounter {
     queue_type: QueueType,
     ttl: Duration,
@@ -151,83 +157,73 @@ impl AttemptCounter {
         }
     }
 
-    /// The attempt this delivery is, recording it when the sidecar does the counting.
-    pub fn record(&self, d: &DeliveryIdentity<'_>) -> Attempt {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<u64, Entry>> {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The attempt this delivery is.
+    pub fn attempt(&self, d: &DeliveryIdentity<'_>) -> Attempt {
         if let Some(count) = d.delivery_count.and_then(as_count) {
             return Attempt {
                 number: count.saturating_add(1),
+                local: false,
                 key: None,
             };
         }
-        if self.queue_type == QueueType::Quorum && !d.redelivered {
+        let local = self.queue_type == QueueType::Classic || d.redelivered;
+        if !d.redelivered {
+            // A first delivery, even of a reused message-id, starts over.
             return Attempt {
                 number: 1,
+                local,
                 key: None,
             };
         }
+        // A redelivery this process has not seen (another pod, an earlier process, or a
+        // release on shutdown) starts at 1: this process cannot know, and the worker still
+        // sees X-Amqp-Redelivered.
         let key = identity_key(d);
         let now = Instant::now();
-        let mut local = self
-            .local
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A first delivery starts over even if the id is known (a new message reusing an id).
-        // A redelivery unknown here (another pod, an earlier process, or a release on
-        // shutdown) starts at 1 too: this process cannot know, and the worker still sees
-        // X-Amqp-Redelivered.
-        let previous = match local.get(&key) {
-            Some(e) if d.redelivered && now.duration_since(e.seen) < self.ttl => e.attempts,
+        let previous = match self.lock().get(&key) {
+            Some(e) if now.duration_since(e.seen) < self.ttl => e.attempts,
             _ => 0,
         };
-        let attempts = previous.saturating_add(1);
-        local.put(
-            key,
-            Entry {
-                attempts,
-                seen: now,
-            },
-        );
         Attempt {
-            number: attempts,
+            number: previous.saturating_add(1),
+            local,
             key: Some(key),
         }
+    }
+
+    /// Stores a failed attempt of a delivery that is being requeued, so its redelivery
+    /// counts on from it. A no-op when the broker counts.
+    pub fn remember(&self, attempt: &Attempt, d: &DeliveryIdentity<'_>) {
+        if !attempt.local {
+            return;
+        }
+        let key = attempt.key.unwrap_or_else(|| identity_key(d));
+        self.lock().put(
+            key,
+            Entry {
+                attempts: attempt.number,
+                seen: Instant::now(),
+            },
+        );
     }
 
     /// Forgets a message once it is settled for good (acked or dead-lettered).
     pub fn forget(&self, attempt: &Attempt) {
         if let Some(key) = attempt.key {
-            self.local
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pop(&key);
-        }
-    }
-
-    /// Takes back the attempt recorded for a delivery that was handed back without being
-    /// attempted (a release on shutdown), so its redelivery is not counted twice.
-    pub fn unrecord(&self, attempt: &Attempt) {
-        if let Some(key) = attempt.key {
-            let mut local = self
-                .local
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match local.get_mut(&key) {
-                Some(e) if e.attempts > 1 => e.attempts -= 1,
-                Some(_) => {
-                    local.pop(&key);
-                }
-                None => {}
-            }
+            self.lock().pop(&key);
         }
     }
 
     /// Entries held by the local counter.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.local
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        self.lock().len()
     }
 
     /// True when the local counter holds nothing.
@@ -336,35 +332,43 @@ mod tests {
     fn broker_count_wins() {
         let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
         let v = AMQPValue::LongLongInt(3);
-        assert_eq!(c.record(&ident(true, Some(&v), None)).number, 4);
+        let a = c.attempt(&ident(true, Some(&v), None));
+        assert_eq!((a.number, a.local), (4, false));
         let q = AttemptCounter::new(QueueType::Quorum, &RetryConfig::default());
-        assert_eq!(
-            q.record(&ident(false, None, Some("m"))),
-            Attempt {
-                number: 1,
-                key: None
-            }
-        );
+        let first = q.attempt(&ident(false, None, Some("m")));
+        assert_eq!((first.number, first.local), (1, false));
+        q.remember(&first, &ident(false, None, Some("m")));
+        assert!(q.is_empty(), "nothing stored when the broker counts");
+    }
+
+    /// Simulates the sidecar: each failed attempt is requeued and remembered.
+    fn fail(c: &AttemptCounter, d: &DeliveryIdentity<'_>) -> Attempt {
+        let a = c.attempt(d);
+        c.remember(&a, d);
+        a
     }
 
     #[test]
     fn local_count_follows_redeliveries_and_resets_on_fresh_delivery() {
         let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
-        assert_eq!(c.record(&ident(false, None, Some("m"))).number, 1);
-        assert_eq!(c.record(&ident(true, None, Some("m"))).number, 2);
-        let third = c.record(&ident(true, None, Some("m")));
+        let ok = c.attempt(&ident(false, None, Some("m")));
+        assert_eq!(ok.number, 1);
+        assert!(c.is_empty(), "the success path stores nothing");
+        assert_eq!(fail(&c, &ident(false, None, Some("m"))).number, 1);
+        assert_eq!(fail(&c, &ident(true, None, Some("m"))).number, 2);
+        let third = c.attempt(&ident(true, None, Some("m")));
         assert_eq!(third.number, 3);
         // A fresh publish with the same id starts over.
-        assert_eq!(c.record(&ident(false, None, Some("m"))).number, 1);
+        assert_eq!(c.attempt(&ident(false, None, Some("m"))).number, 1);
         c.forget(&third);
         assert!(c.is_empty());
         // Redelivered but never seen here: this process starts at 1.
-        assert_eq!(c.record(&ident(true, None, None)).number, 1);
-        // A release takes the attempt back.
-        let second = c.record(&ident(true, None, None));
-        assert_eq!(second.number, 2);
-        c.unrecord(&second);
-        assert_eq!(c.record(&ident(true, None, None)).number, 2);
+        assert_eq!(c.attempt(&ident(true, None, None)).number, 1);
+        // A release (not remembered) does not count: the redelivery gets the same number.
+        fail(&c, &ident(false, None, Some("r")));
+        let released = c.attempt(&ident(true, None, Some("r")));
+        assert_eq!(released.number, 2);
+        assert_eq!(c.attempt(&ident(true, None, Some("r"))).number, 2);
     }
 
     #[test]
@@ -378,7 +382,7 @@ mod tests {
         );
         for i in 0..100 {
             let id = i.to_string();
-            c.record(&ident(false, None, Some(&id)));
+            fail(&c, &ident(false, None, Some(&id)));
         }
         assert_eq!(c.len(), 10);
     }

@@ -13,7 +13,6 @@ use lapin::{
     types::{FieldTable, ShortString},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
 
 use crate::dispatch::Dispatcher;
 
@@ -101,8 +100,7 @@ impl Consumer {
                 next = self.stream.next() => match next {
                     Some(Ok(delivery)) => {
                         let dispatcher = Arc::clone(&self.dispatcher);
-                        let span = tracing::debug_span!("delivery", consumer = self.index, tag = delivery.delivery_tag);
-                        self.tracker.spawn(async move { dispatcher.handle(delivery).await }.instrument(span));
+                        self.tracker.spawn(async move { dispatcher.handle(delivery).await });
                     }
                     Some(Err(e)) => {
                         let reason = crate::amqp::describe(&e);

@@ -225,7 +225,8 @@ impl Client {
         while read <= self.max_response_bytes {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    if snippet.len() < ERROR_SNIPPET_BYTES {
+                    // Only a failure's body is kept (for x-sidecar-last-error).
+                    if !status.is_success() && snippet.len() < ERROR_SNIPPET_BYTES {
                         let take = (ERROR_SNIPPET_BYTES - snippet.len()).min(chunk.len());
                         snippet.extend_from_slice(&chunk[..take]);
                     }
