@@ -8,13 +8,16 @@
 //!
 //! # Layout
 //! - [`config`]: serde structs, defaults, the figment sources (YAML + env) and `validate()`.
-//! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, drain.
+//! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, pause and
+//!   resume when no backend is usable, drain.
 //! - [`amqp`]: the broker side: connection, topology, the consumer task, the dead-letter
 //!   publisher (publisher confirms, deadpool-lapin).
 //! - [`dispatch`]: one delivery's path, and the single `match` from outcome to settlement.
-//! - [`balance`]: in-flight counting (a [`balance::Lease`] guard) and the [`balance::Balance`]
-//!   trait with its strategies.
-//! - [`backend`]: the HTTP client, the request/header mapping, outcome classification.
+//! - [`balance`]: the backend pool (in-flight counts behind a [`balance::Lease`] guard,
+//!   passive ejection, health flags) and the [`balance::Balance`] trait with its five
+//!   strategies.
+//! - [`backend`]: the HTTP client, the request/header mapping, outcome classification, and
+//!   active health checks.
 //! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and backoff.
 //! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.
 //! - [`metrics`]: metric names, units and help text, in one place.
