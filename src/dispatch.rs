@@ -316,16 +316,7 @@ impl Dispatcher {
                     delay_ms = delay.as_millis() as u64,
                     "retryable failure; requeueing after backoff"
                 );
-                self.counter.remember(attempt, &held.identity());
-                self.backoff_sleep(delay).await;
-                if self.sent(
-                    "reject(requeue)",
-                    held.acker
-                        .reject(BasicRejectOptions { requeue: true })
-                        .await,
-                ) {
-                    self.metrics.requeues.increment(1);
-                }
+                self.requeue(&held, attempt, delay).await;
             }
             Verdict::Release => {
                 // Not remembered: a release does not count as an attempt.
@@ -366,18 +357,9 @@ impl Dispatcher {
                             "dead-letter publish failed; requeueing the original, not acking it"
                         );
                         self.metrics.dead_letter_failures.increment(1);
-                        self.counter.remember(attempt, &held.identity());
                         // Back off before the requeue so a missing DLX does not become a hot loop.
                         let delay = self.backoff.delay(attempt.number, &mut rand::rng());
-                        self.backoff_sleep(delay).await;
-                        if self.sent(
-                            "reject(requeue)",
-                            held.acker
-                                .reject(BasicRejectOptions { requeue: true })
-                                .await,
-                        ) {
-                            self.metrics.requeues.increment(1);
-                        }
+                        self.requeue(&held, attempt, delay).await;
                     }
                 }
             }
@@ -400,6 +382,20 @@ impl Dispatcher {
             redelivered: delivery.redelivered,
         };
         self.settle(Verdict::Release, held, &attempt).await;
+    }
+
+    /// Stores the failed attempt (when the sidecar counts), waits out `delay`, then
+    /// basic.reject(requeue=true), which every RabbitMQ version counts as a delivery attempt.
+    async fn requeue(&self, held: &Held, attempt: &Attempt, delay: Duration) {
+        self.counter.remember(attempt, &held.identity());
+        self.backoff_sleep(delay).await;
+        let rejected = held
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await;
+        if self.sent("reject(requeue)", rejected) {
+            self.metrics.requeues.increment(1);
+        }
     }
 
     /// Waits out a backoff before a requeue, but not past the start of shutdown: the
