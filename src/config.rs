@@ -1135,6 +1135,24 @@ mod tests {
         c.backends[0].timeout_ms = 900_000;
         assert_eq!(keys(c), ["amqp.delivery_deadline_ms"]);
         let mut c = valid();
+        c.ejection.max_percent = 101;
+        assert_eq!(keys(c), ["ejection.max_percent"]);
+        let mut c = valid();
+        c.ejection.base_ms = c.ejection.max_ms + 1;
+        assert_eq!(keys(c), ["ejection.base_ms"]);
+        let mut c = valid();
+        c.dead_letter.confirm_timeout_ms = 0;
+        assert_eq!(keys(c), ["dead_letter.confirm_timeout_ms"]);
+        let mut c = valid();
+        c.backend.max_body_bytes = 0;
+        assert_eq!(keys(c), ["backend.max_body_bytes"]);
+        let mut c = valid();
+        c.log.level = "amqp_sidecar=loud".into();
+        assert_eq!(keys(c), ["log.level"]);
+        let mut c = valid();
+        c.amqp.reconnect_initial_ms = 0;
+        assert_eq!(keys(c), ["amqp.reconnect_initial_ms"]);
+        let mut c = valid();
         c.backends
             .push(BackendConfig::new("http://127.0.0.1:8080/other"));
         assert_eq!(keys(c), ["backends[1].name"]);

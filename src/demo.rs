@@ -43,26 +43,18 @@ pub struct DemoArgs {
     /// Messages to publish.
     #[arg(long, default_value_t = 3000)]
     pub messages: u32,
-    /// Broker URL.
+    /// Broker URL. Its value is never shown in --help (it may hold a password).
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub url: String,
-    /// Balancing strategy: least_in_flight or round_robin.
-    #[arg(long, default_value = "least_in_flight", value_parser = parse_balancer)]
+    /// Balancing strategy: least_in_flight, power_of_two, round_robin,
+    /// weighted_round_robin or random.
+    #[arg(long, default_value = "least_in_flight", value_parser = str::parse::<BalancerKind>)]
     pub balancer: BalancerKind,
-}
-
-fn parse_balancer(s: &str) -> Result<BalancerKind, String> {
-    match s {
-        "least_in_flight" => Ok(BalancerKind::LeastInFlight),
-        "round_robin" => Ok(BalancerKind::RoundRobin),
-        other => Err(format!(
-            "unknown balancer {other:?}: use least_in_flight or round_robin"
-        )),
-    }
 }
 
 /// A scripted demo worker's behaviour and tallies.
@@ -261,8 +253,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let metric = |name: &str, extra: &str| metric_value(&text, name, &q, extra);
     println!();
     println!(
-        "== amqp-sidecar demo: {} messages, balancer {:?} ==",
-        args.messages, args.balancer
+        "== amqp-sidecar demo: {} messages, balancer {} ==",
+        args.messages,
+        args.balancer.name()
     );
     println!(
         "{:<11} {:>8} {:>9} {:>7} {:>8} {:>9} {:>13}",
