@@ -287,8 +287,10 @@ async fn a_missing_dlx_requeues_the_original_until_it_is_back() {
         .spawn()
         .await;
     let cfg = config(&queue, vec![backend(&worker, 1)]);
-    declare(&conn, &cfg).await;
     let dlx = cfg.dead_letter.exchange_for(&queue);
+    // The sidecar declares the DLX when it starts; delete it once it runs, and only then
+    // publish, so the dead-letter publish finds it missing.
+    let sidecar = start(cfg.clone()).await;
     let ch = conn.create_channel().await.expect("channel");
     ch.exchange_delete(
         ShortString::from(dlx.as_str()),
@@ -297,16 +299,6 @@ async fn a_missing_dlx_requeues_the_original_until_it_is_back() {
     .await
     .expect("delete DLX");
     publish_n(&conn, &queue, 1).await;
-    let mut c = cfg.clone();
-    c.amqp.declare = true;
-    // The sidecar declares the DLX at start; delete it again once it runs.
-    let sidecar = start(c).await;
-    ch.exchange_delete(
-        ShortString::from(dlx.as_str()),
-        ExchangeDeleteOptions::default(),
-    )
-    .await
-    .expect("delete DLX again");
     let q = [("queue", queue.as_str())];
     wait_until(
         "dead-letter failures counted",
