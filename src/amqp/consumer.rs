@@ -1,12 +1,12 @@
 //! One consumer channel: basic.qos, basic.consume with manual acks, and a task per delivery.
 //!
-//! The prefetch bounds the deliveries the broker sends before they are settled, so the
-//! deliveries in flight are bounded by consumers × prefetch: the broker's flow control is the
+//! The prefetch bounds the deliveries the broker sends before they are settled, so the tasks
+//! spawned per delivery are bounded by consumers × prefetch: the broker's flow control is the
 //! backpressure, and no queue of our own can grow.
 
 use std::sync::Arc;
 
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::StreamExt;
 use lapin::{
     Channel, Connection,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
@@ -15,9 +15,6 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::dispatch::Dispatcher;
-
-/// One delivery being handled: forwarded, then settled.
-type InFlight = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// How long to wait for the deliveries still buffered after basic.cancel.
 const CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
@@ -93,47 +90,33 @@ impl Consumer {
     }
 
     async fn consume(&mut self, stop: &CancellationToken) -> ConsumerExit {
-        // Deliveries in flight are polled here, in the consumer's own task, rather than each
-        // in a spawned task: fewer wake-ups across threads per delivery. The prefetch bounds
-        // how many there are.
-        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-        let mut cancel = false;
-        let exit = loop {
+        loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
-                    cancel = true;
-                    break ConsumerExit::Stopped;
+                    self.cancel().await;
+                    return ConsumerExit::Stopped;
                 }
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 next = self.stream.next() => match next {
                     Some(Ok(delivery)) => {
                         let dispatcher = Arc::clone(&self.dispatcher);
-                        in_flight.push(Box::pin(async move { dispatcher.handle(delivery).await }));
+                        self.tracker.spawn(async move { dispatcher.handle(delivery).await });
                     }
                     Some(Err(e)) => {
                         let reason = crate::amqp::describe(&e);
                         tracing::warn!(consumer = self.index, error = %reason, "consumer channel failed");
-                        break ConsumerExit::Failed(reason);
+                        return ConsumerExit::Failed(reason);
                     }
-                    None if stop.is_cancelled() => break ConsumerExit::Stopped,
                     None => {
+                        if stop.is_cancelled() {
+                            return ConsumerExit::Stopped;
+                        }
                         tracing::warn!(consumer = self.index, "consumer cancelled by the broker (queue deleted?)");
-                        break ConsumerExit::CancelledByBroker;
+                        return ConsumerExit::CancelledByBroker;
                     }
                 }
             }
-        };
-        // Whatever is still in flight goes on in tracked tasks: the drain (with its deadline)
-        // or the broker (if the channel is gone) settles it, and the consumer stops at once,
-        // so a basic.cancel, a pause or a reconnect never waits for a slow request.
-        for delivery in in_flight {
-            self.tracker.spawn(delivery);
         }
-        if cancel {
-            self.cancel().await;
-        }
-        exit
     }
 
     /// basic.cancel, then hands back anything still buffered without attempting it.
