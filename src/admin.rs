@@ -89,8 +89,9 @@ impl Health {
 
     /// Records whether consumption is paused for lack of a usable backend.
     pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
+        // The gauge first, so whoever sees the readiness flag also sees the metric.
         crate::metrics::set_paused(paused);
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     /// Marks shutdown as started (readiness turns false for good).

@@ -90,8 +90,11 @@ async fn metrics_match_what_happened() {
         "{text}"
     );
     assert!(text.contains("# HELP amqp_sidecar_acks_total"), "{text}");
-    assert!(metric_value(&text, "amqp_sidecar_consumers", &[]) >= 1.0);
-    assert_eq!(metric_value(&text, "amqp_sidecar_connected", &[]), 1.0);
+    // amqp_sidecar_consumers and amqp_sidecar_connected are process-wide gauges, shared by
+    // every sidecar in this test binary; the binary tests and tests/broker_faults.rs (serial)
+    // cover them. Here: they are exported, with HELP text.
+    assert!(text.contains("# HELP amqp_sidecar_connected"), "{text}");
+    assert!(text.contains("# HELP amqp_sidecar_consumers"), "{text}");
     let health = http()
         .get(format!("http://{}/healthz", sidecar.admin))
         .send()

@@ -266,8 +266,21 @@ async fn a_failing_backend_is_ejected_and_then_returns() {
     cleanup(&conn, &cfg).await;
 }
 
+/// `amqp_sidecar_paused` is one gauge for the whole process: the two tests that pause a
+/// sidecar take turns, so each can read it.
+static PAUSING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn paused_gauge() -> f64 {
+    metric_value(
+        &amqp_sidecar::metrics::install().render(),
+        "amqp_sidecar_paused",
+        &[],
+    )
+}
+
 #[tokio::test]
 async fn with_all_backends_down_the_sidecar_pauses_then_resumes() {
+    let _turn = PAUSING.lock().await;
     let conn = broker().await;
     let queue = unique("pause");
     let a = Worker::builder()
@@ -291,9 +304,10 @@ async fn with_all_backends_down_the_sidecar_pauses_then_resumes() {
     b.set_health(503);
     let down_at = Instant::now();
     wait_until("paused", Duration::from_secs(10), || async {
-        sidecar.metric("amqp_sidecar_paused", &[]).await == 1.0
+        sidecar.readiness().await["paused"] == true
     })
     .await;
+    assert_eq!(paused_gauge(), 1.0, "amqp_sidecar_paused shows it");
     publish_n(&conn, &queue, 30).await;
     // Within 2 s of the backends going down: no consumer, nothing unacked.
     wait_until(
@@ -342,13 +356,15 @@ async fn with_all_backends_down_the_sidecar_pauses_then_resumes() {
         a.succeeded().len() == 20 && ready(&conn, &queue).await == 0
     })
     .await;
-    assert_eq!(sidecar.metric("amqp_sidecar_paused", &[]).await, 0.0);
+    assert_eq!(sidecar.readiness().await["paused"], false);
+    assert_eq!(paused_gauge(), 0.0, "amqp_sidecar_paused back to 0");
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }
 
 #[tokio::test]
 async fn without_health_checks_a_paused_sidecar_probes_by_tcp_and_resumes() {
+    let _turn = PAUSING.lock().await;
     let conn = broker().await;
     let queue = unique("probe");
     let a = Worker::builder().spawn().await;
@@ -366,7 +382,7 @@ async fn without_health_checks_a_paused_sidecar_probes_by_tcp_and_resumes() {
     wait_until(
         "paused after the backend was ejected",
         Duration::from_secs(10),
-        || async { sidecar.metric("amqp_sidecar_paused", &[]).await == 1.0 },
+        || async { sidecar.readiness().await["paused"] == true },
     )
     .await;
     // The backend comes back on its port; the TCP probe readmits it long before the

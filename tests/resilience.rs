@@ -382,7 +382,7 @@ async fn a_deleted_queue_is_redeclared_and_consumption_resumes() {
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200)
-                && sidecar.metric("amqp_sidecar_consumers", &[]).await >= 1.0
+                && sidecar.readiness().await["consumers"].as_u64() >= Some(1)
                 && try_ready(&conn, &queue).await == Some(0)
         },
     )

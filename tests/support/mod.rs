@@ -855,3 +855,19 @@ pub async fn take_n(conn: &Connection, queue: &str, n: usize) -> usize {
     let _ = ch.close(200, ShortString::from("done")).await;
     got
 }
+
+impl Running {
+    /// This sidecar's /readyz JSON (per sidecar, unlike the process-wide gauges such as
+    /// `amqp_sidecar_paused`, which every sidecar in a test binary shares).
+    pub async fn readiness(&self) -> serde_json::Value {
+        let body = http()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("GET /readyz")
+            .text()
+            .await
+            .expect("body");
+        serde_json::from_str(&body).expect("readyz JSON")
+    }
+}
