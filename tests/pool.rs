@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 use amqp_sidecar::config::{BalancerKind, QueueType};
 use support::*;
 
+/// Health checks every 50 ms on /healthz, flipping after 2 results in a row.
+fn fast_health_checks(cfg: &mut amqp_sidecar::Config) {
+    cfg.health.path = Some("/healthz".into());
+    cfg.health.interval_ms = 50;
+    cfg.health.timeout_ms = 50;
+    cfg.health.unhealthy_threshold = 2;
+    cfg.health.healthy_threshold = 2;
+}
+
 /// Runs `n` messages over workers with the given `(latency ms, max_in_flight, weight)`;
 /// returns per-worker counts, per-worker peak concurrency, and the makespan.
 async fn run(
@@ -146,20 +155,10 @@ async fn load_aware_strategies_beat_round_robin_on_a_mixed_speed_workload() {
 async fn a_backend_failing_health_checks_gets_no_traffic_until_it_passes() {
     let conn = broker().await;
     let queue = unique("health");
-    let a = Worker::builder()
-        .latency(Duration::from_millis(5))
-        .spawn()
-        .await;
-    let b = Worker::builder()
-        .latency(Duration::from_millis(5))
-        .spawn()
-        .await;
-    let mut cfg = config(&queue, vec![backend(&a, 2), backend(&b, 2)]);
-    cfg.health.path = Some("/healthz".into());
-    cfg.health.interval_ms = 50;
-    cfg.health.timeout_ms = 50;
-    cfg.health.unhealthy_threshold = 2;
-    cfg.health.healthy_threshold = 2;
+    let workers = workers_with_latency(&[5, 5]).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let mut cfg = config(&queue, vec![backend(a, 2), backend(b, 2)]);
+    fast_health_checks(&mut cfg);
     declare(&conn, &cfg).await;
     let sidecar = start(cfg.clone()).await;
     let healthy = |w: &Worker| {
@@ -183,7 +182,7 @@ async fn a_backend_failing_health_checks_gets_no_traffic_until_it_passes() {
     };
     a.set_health(503);
     wait_until("a marked unhealthy", Duration::from_secs(10), || async {
-        healthy(&a).await == 0.0
+        healthy(a).await == 0.0
     })
     .await;
     publish_n(&conn, &queue, 40).await;
@@ -194,7 +193,7 @@ async fn a_backend_failing_health_checks_gets_no_traffic_until_it_passes() {
     assert_eq!(a.count(), 0, "an unhealthy backend gets no traffic");
     a.set_health(200);
     wait_until("a healthy again", Duration::from_secs(10), || async {
-        healthy(&a).await == 1.0
+        healthy(a).await == 1.0
     })
     .await;
     publish_n(&conn, &queue, 40).await;
@@ -283,21 +282,11 @@ async fn with_all_backends_down_the_sidecar_pauses_then_resumes() {
     let _turn = PAUSING.lock().await;
     let conn = broker().await;
     let queue = unique("pause");
-    let a = Worker::builder()
-        .latency(Duration::from_millis(5))
-        .spawn()
-        .await;
-    let b = Worker::builder()
-        .latency(Duration::from_millis(5))
-        .spawn()
-        .await;
-    let mut cfg = config(&queue, vec![backend(&a, 2), backend(&b, 2)]);
+    let workers = workers_with_latency(&[5, 5]).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let mut cfg = config(&queue, vec![backend(a, 2), backend(b, 2)]);
+    fast_health_checks(&mut cfg);
     cfg.amqp.queue_type = QueueType::Classic;
-    cfg.health.path = Some("/healthz".into());
-    cfg.health.interval_ms = 50;
-    cfg.health.timeout_ms = 50;
-    cfg.health.unhealthy_threshold = 2;
-    cfg.health.healthy_threshold = 2;
     declare(&conn, &cfg).await;
     let sidecar = start(cfg.clone()).await;
     a.set_health(503);

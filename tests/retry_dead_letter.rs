@@ -151,15 +151,7 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
             Some("acme"),
             "original headers kept"
         );
-        assert_eq!(
-            header_text(&h, "x-sidecar-reason").as_deref(),
-            Some("retries_exhausted")
-        );
-        assert_eq!(header_text(&h, "x-sidecar-attempts").as_deref(), Some("3"));
-        assert_eq!(
-            header_text(&h, "x-sidecar-last-status").as_deref(),
-            Some("500")
-        );
+        assert_dead_letter_headers(&h, "retries_exhausted", 3, 500);
         assert!(
             header_text(&h, "x-sidecar-last-error")
                 .expect("last error")
@@ -213,15 +205,7 @@ async fn a_4xx_is_dead_lettered_after_one_attempt() {
         .headers()
         .clone()
         .expect("headers");
-    assert_eq!(
-        header_text(&h, "x-sidecar-reason").as_deref(),
-        Some("rejected")
-    );
-    assert_eq!(header_text(&h, "x-sidecar-attempts").as_deref(), Some("1"));
-    assert_eq!(
-        header_text(&h, "x-sidecar-last-status").as_deref(),
-        Some("422")
-    );
+    assert_dead_letter_headers(&h, "rejected", 1, 422);
     assert_eq!(
         sidecar
             .metric(

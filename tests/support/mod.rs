@@ -871,3 +871,16 @@ impl Running {
         serde_json::from_str(&body).expect("readyz JSON")
     }
 }
+
+/// Asserts the `x-sidecar-*` headers that say why a message was dead-lettered.
+pub fn assert_dead_letter_headers(h: &FieldTable, reason: &str, attempts: u32, last_status: u16) {
+    assert_eq!(header_text(h, "x-sidecar-reason").as_deref(), Some(reason));
+    assert_eq!(
+        header_text(h, "x-sidecar-attempts"),
+        Some(attempts.to_string())
+    );
+    assert_eq!(
+        header_text(h, "x-sidecar-last-status"),
+        Some(last_status.to_string())
+    );
+}
