@@ -61,11 +61,13 @@ async fn sigterm_drains_in_flight_requests_then_a_second_sidecar_finishes_the_qu
         "the {in_flight} in-flight requests finished ({done} succeeded)"
     );
     // Everything that succeeded was acked, and nothing else left the queue.
-    assert_eq!(
-        ready(&conn, &queue).await as usize,
-        N - done,
-        "in-flight deliveries were acked, the rest stayed"
-    );
+    // (Quorum queues apply settlements asynchronously: wait for the count to settle.)
+    wait_until(
+        "in-flight deliveries acked, the rest still ready",
+        Duration::from_secs(10),
+        || async { ready(&conn, &queue).await as usize == N - done },
+    )
+    .await;
     println!("[sigterm] {in_flight} in flight at SIGTERM, drained in {drain:?}, {done} acked");
 
     let second = start(cfg.clone()).await;
@@ -123,11 +125,12 @@ async fn the_drain_deadline_requeues_unfinished_deliveries_without_counting_an_a
         "not counted as retries"
     );
     assert_eq!(metric_value(&text, "amqp_sidecar_acks_total", &q), 0.0);
-    assert_eq!(
-        ready(&conn, &queue).await,
-        5,
-        "all five are back in the queue"
-    );
+    wait_until(
+        "all five back in the queue",
+        Duration::from_secs(10),
+        || async { ready(&conn, &queue).await == 5 },
+    )
+    .await;
     gate.open();
 
     let worker = Worker::builder().spawn().await;
@@ -577,7 +580,10 @@ async fn a_delivery_waiting_out_its_backoff_is_requeued_at_once_on_shutdown() {
         metric_value(&metrics_now(), "amqp_sidecar_requeues_total", &q),
         1.0
     );
-    assert_eq!(ready(&conn, &queue).await, 1, "requeued, not lost");
+    wait_until("requeued, not lost", Duration::from_secs(10), || async {
+        ready(&conn, &queue).await == 1
+    })
+    .await;
     assert_eq!(worker.count(), 1);
     cleanup(&conn, &cfg).await;
 }
