@@ -33,23 +33,29 @@ fn bad_env_value_exits_78_naming_key_and_variable() {
     assert!(stderr.contains("AMQP_SIDECAR_AMQP__PREFETCH"), "{stderr}");
 }
 
+/// Runs the sidecar (the `run` command) with `yaml` as its config file; asserts exit 78 and
+/// returns stderr.
+fn run_with_config_exits_78(file: &std::path::Path, yaml: &str) -> String {
+    std::fs::write(file, yaml).expect("write");
+    let out = sidecar_cmd()
+        .arg("--config")
+        .arg(file)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    stderr
+}
+
 #[test]
 fn run_with_bad_config_exits_78_before_connecting() {
     let dir = std::env::temp_dir().join(support::unique("cfg"));
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("sidecar.yaml");
-    std::fs::write(
+    let stderr = run_with_config_exits_78(
         &file,
         "amqp:\n  queue: orders\n  prefetch_count: 3\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n",
-    )
-    .expect("write");
-    let out = sidecar_cmd()
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    );
     assert!(
         stderr.contains("amqp.prefetch_count"),
         "unknown key named: {stderr}"
@@ -59,18 +65,10 @@ fn run_with_bad_config_exits_78_before_connecting() {
         "source named: {stderr}"
     );
 
-    std::fs::write(
+    let stderr = run_with_config_exits_78(
         &file,
         "amqp:\n  queue: orders\nbackends:\n  - url: ftp://127.0.0.1/\n    max_in_flight: 0\n",
-    )
-    .expect("write");
-    let out = sidecar_cmd()
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    );
     assert!(stderr.contains("backends[0].url"), "{stderr}");
     assert!(stderr.contains("backends[0].max_in_flight"), "{stderr}");
 
