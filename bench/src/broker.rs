@@ -218,23 +218,32 @@ impl Broker {
     ///
     /// # Errors
     /// When the channel cannot be opened.
-    pub async fn publisher(&self, queue: &str, body_size: usize) -> anyhow::Result<Publisher> {
+    pub async fn publisher(
+        &self,
+        queue: &str,
+        body_size: usize,
+        persistent: bool,
+    ) -> anyhow::Result<Publisher> {
         let ch = self.channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Publisher {
             ch,
             queue: ShortString::from(queue),
             body_size,
+            persistent,
             pending: VecDeque::new(),
         })
     }
 }
 
-/// Publishes persistent messages to one queue, with publisher confirms.
+/// Publishes messages (persistent unless `--transient`) to one queue, with publisher
+/// confirms.
 pub struct Publisher {
     ch: Channel,
     queue: ShortString,
     body_size: usize,
+    /// delivery_mode 2 (persistent) or 1 (transient).
+    persistent: bool,
     pending: VecDeque<PublisherConfirm>,
 }
 
@@ -245,7 +254,7 @@ impl Publisher {
     /// When the channel is gone or the broker nacks an earlier message.
     pub async fn publish(&mut self, seq: u64) -> anyhow::Result<()> {
         let props = BasicProperties::default()
-            .with_delivery_mode(2)
+            .with_delivery_mode(if self.persistent { 2 } else { 1 })
             .with_content_type(ShortString::from("application/octet-stream"))
             .with_message_id(ShortString::from(seq.to_string()));
         let confirm = self

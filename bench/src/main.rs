@@ -97,6 +97,16 @@ struct Cli {
     /// Consumers in the mixed-speed runs (the sidecar gets max_in_flight consumers/4 per worker).
     #[arg(long, default_value_t = 16)]
     mixed_consumers: u32,
+    /// Repetitions of each grid point (throughput and paced latency runs). Within a
+    /// repetition the contenders run one after another, in an order rotated by one per
+    /// repetition, so a slow drift of the machine does not always favour the same one; the
+    /// tables show medians, and ratios and differences are paired within a repetition.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    repeat: u32,
+    /// Publish transient messages (delivery_mode 1) instead of persistent ones. A diagnostic:
+    /// it takes the broker's disk writes out of the latency figures; the report says so.
+    #[arg(long)]
+    transient: bool,
     /// Seconds of each paced (50% load) latency run; 0 skips them.
     #[arg(long, default_value_t = 3.0)]
     latency_secs: f64,
@@ -234,6 +244,7 @@ struct Plan {
     messages: u64,
     large_messages: u64,
     latency_secs: f64,
+    repeat: u32,
     mixed_messages: u64,
     mixed_balancers: Vec<String>,
     grid: bool,
@@ -250,6 +261,7 @@ fn plan(cli: &Cli) -> Plan {
             messages: 2_000,
             large_messages: 0,
             latency_secs: 1.0,
+            repeat: 1,
             mixed_messages: 300,
             mixed_balancers: cli.balancers.iter().take(1).cloned().collect(),
             grid: true,
@@ -264,12 +276,20 @@ fn plan(cli: &Cli) -> Plan {
         messages: cli.messages,
         large_messages: cli.large_messages,
         latency_secs: cli.latency_secs,
+        repeat: cli.repeat,
         mixed_messages: cli.mixed_messages,
         mixed_balancers: cli.balancers.clone(),
         grid: !cli.soak_only && !cli.skip_grid,
         mixed: !cli.soak_only,
         soak: cli.soak || cli.soak_only,
     }
+}
+
+/// The contenders in the order repetition `rep` runs them: rotated left by `rep`.
+fn rotated(contenders: &[Contender], rep: u32) -> Vec<&Contender> {
+    let n = contenders.len().max(1);
+    let k = rep as usize % n;
+    contenders[k..].iter().chain(&contenders[..k]).collect()
 }
 
 /// Runs one spec and records it; returns false on a real error.
@@ -363,13 +383,18 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                         phase: Phase::Backlog,
                         workload: Workload::Fast,
                         max_in_flight: consumers.div_ceil(run::FAST_BACKENDS as u32).max(1),
+                        rep: 0,
+                        transient: cli.transient,
                     };
-                    for c in &contenders {
-                        let spec = Spec {
-                            contender: c.clone(),
-                            ..base.clone()
-                        };
-                        ok &= record(&ctx, &mut records, spec).await;
+                    for rep in 0..plan.repeat {
+                        for c in rotated(&contenders, rep) {
+                            let spec = Spec {
+                                contender: c.clone(),
+                                rep,
+                                ..base.clone()
+                            };
+                            ok &= record(&ctx, &mut records, spec).await;
+                        }
                     }
                     if plan.latency_secs <= 0.0 {
                         continue;
@@ -391,14 +416,17 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                     // Half a second of warm-up, left out of the latency figures.
                     let warmup = (rate * 0.5) as u64;
                     let n = ((rate * plan.latency_secs) as u64).max(200) + warmup;
-                    for c in &contenders {
-                        let spec = Spec {
-                            contender: c.clone(),
-                            messages: n,
-                            phase: Phase::Paced { rate, warmup },
-                            ..base.clone()
-                        };
-                        ok &= record(&ctx, &mut records, spec).await;
+                    for rep in 0..plan.repeat {
+                        for c in rotated(&contenders, rep) {
+                            let spec = Spec {
+                                contender: c.clone(),
+                                messages: n,
+                                phase: Phase::Paced { rate, warmup },
+                                rep,
+                                ..base.clone()
+                            };
+                            ok &= record(&ctx, &mut records, spec).await;
+                        }
                     }
                 }
             }
@@ -415,6 +443,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             phase: Phase::Backlog,
             workload: Workload::Mixed,
             max_in_flight: cli.mixed_consumers.div_ceil(4).max(1),
+            rep: 0,
+            transient: cli.transient,
         };
         let mut mixed_contenders = vec![Contender::Forwarder];
         mixed_contenders.extend(plan.mixed_balancers.iter().cloned().map(Contender::Sidecar));
@@ -440,6 +470,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                 .soak_consumers
                 .div_ceil(run::FAST_BACKENDS as u32)
                 .max(1),
+            rep: 0,
+            transient: cli.transient,
         };
         println!("soak: {} messages, RSS sampled every second", spec.messages);
         ok &= record(&ctx, &mut records, spec).await;

@@ -108,10 +108,23 @@ fn throughput(records: &[Record], path: &Path) -> anyhow::Result<bool> {
             }
         }
         for (i, c) in contenders.iter().enumerate() {
-            let mut pts: Vec<(f64, f64)> = runs
-                .iter()
-                .filter(|(r, _)| r.spec.contender == *c)
-                .map(|(r, o)| (f64::from(r.spec.consumers), o.msgs_per_s))
+            // One point per consumer count: the median over the repetitions.
+            let mut by_consumers: Vec<(u32, Vec<f64>)> = Vec::new();
+            for (r, o) in runs.iter().filter(|(r, _)| r.spec.contender == *c) {
+                match by_consumers
+                    .iter_mut()
+                    .find(|(n, _)| *n == r.spec.consumers)
+                {
+                    Some((_, v)) => v.push(o.msgs_per_s),
+                    None => by_consumers.push((r.spec.consumers, vec![o.msgs_per_s])),
+                }
+            }
+            let mut pts: Vec<(f64, f64)> = by_consumers
+                .into_iter()
+                .map(|(n, mut v)| {
+                    v.sort_by(f64::total_cmp);
+                    (f64::from(n), v[v.len() / 2])
+                })
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             let col = color(i);
@@ -134,11 +147,11 @@ fn throughput(records: &[Record], path: &Path) -> anyhow::Result<bool> {
 }
 
 /// Latency CDFs of the paced runs at one grid point per queue type (small bodies, the
-/// consumer count closest to 16).
+/// consumer count closest to 16; the first repetition).
 fn latency_cdf(records: &[Record], path: &Path) -> anyhow::Result<bool> {
     let paced: Vec<(&Record, &Outcome)> = records
         .iter()
-        .filter(|r| matches!(r.spec.phase, Phase::Paced { .. }))
+        .filter(|r| matches!(r.spec.phase, Phase::Paced { .. }) && r.spec.rep == 0)
         .filter_map(|r| r.outcome.as_ref().map(|o| (r, o)))
         .filter(|(_, o)| !o.latency.is_empty())
         .collect();

@@ -42,8 +42,14 @@ pub fn describe(spec: &Spec) -> String {
     } else {
         ""
     };
+    let transient = if spec.transient { " transient" } else { "" };
+    let rep = if spec.rep > 0 {
+        format!(" rep {}", spec.rep + 1)
+    } else {
+        String::new()
+    };
     format!(
-        "{:<28} {:<7} {:>6} c={:<2} n={:<7} {phase}{workload}",
+        "{:<28} {:<7} {:>6} c={:<2} n={:<7} {phase}{workload}{transient}{rep}",
         spec.contender.label(),
         spec.queue_type.as_str(),
         size(spec.body),
@@ -82,8 +88,8 @@ fn same_point(a: &Spec, b: &Spec) -> bool {
         && a.workload == b.workload
 }
 
-/// The backlog (throughput) outcome of `contender` at `base`'s grid point.
-pub fn find<'a>(records: &'a [Record], base: &Spec, contender: &Contender) -> Option<&'a Outcome> {
+/// The backlog (throughput) outcomes of `contender` at `base`'s grid point, by repetition.
+fn find<'a>(records: &'a [Record], base: &Spec, contender: &Contender) -> Reps<'a> {
     find_phase(records, base, contender, false)
 }
 
@@ -99,24 +105,94 @@ pub fn find_live<'a>(records: &'a [Record], base: &Spec) -> Option<&'a Outcome> 
         .find_map(|r| r.outcome.as_ref())
 }
 
+/// The successful runs of one contender at one grid point and phase, as (repetition,
+/// outcome), in run order.
+struct Reps<'a>(Vec<(u32, &'a Outcome)>);
+
+impl<'a> Reps<'a> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The median over the repetitions of `f`.
+    fn median(&self, f: impl Fn(&Outcome) -> Option<f64>) -> Option<f64> {
+        median(self.0.iter().filter_map(|(_, o)| f(o)).collect())
+    }
+
+    /// The largest `f` over the repetitions.
+    fn max(&self, f: impl Fn(&Outcome) -> f64) -> Option<f64> {
+        self.0.iter().map(|(_, o)| f(o)).reduce(f64::max)
+    }
+
+    /// `f(mine, theirs)` for every repetition both have: paired figures.
+    fn paired(&self, other: &Reps<'a>, f: impl Fn(&Outcome, &Outcome) -> Option<f64>) -> Vec<f64> {
+        self.0
+            .iter()
+            .filter_map(|(rep, a)| {
+                let (_, b) = other.0.iter().find(|(r, _)| r == rep)?;
+                f(a, b)
+            })
+            .collect()
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        f64::midpoint(v[mid - 1], v[mid])
+    })
+}
+
+/// "median" for one value, "median (min–max)" for several; `-` for none. `signed` prints a
+/// sign (differences).
+fn spread(v: &[f64], decimals: usize, signed: bool) -> String {
+    let Some(m) = median(v.to_vec()) else {
+        return "-".into();
+    };
+    let f = |x: f64| {
+        if signed {
+            format!("{x:+.decimals$}")
+        } else {
+            format!("{x:.decimals$}")
+        }
+    };
+    if v.len() < 2 {
+        return f(m);
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} ({} … {})", f(m), f(lo), f(hi))
+}
+
 fn find_phase<'a>(
     records: &'a [Record],
     base: &Spec,
     contender: &Contender,
     paced: bool,
-) -> Option<&'a Outcome> {
-    records
-        .iter()
-        .filter(|r| {
-            same_point(&r.spec, base)
-                && r.spec.contender == *contender
-                && match r.spec.phase {
-                    Phase::Backlog => !paced,
-                    Phase::Paced { .. } => paced,
-                    Phase::Soak { .. } | Phase::Live { .. } => false,
-                }
-        })
-        .find_map(|r| r.outcome.as_ref())
+) -> Reps<'a> {
+    Reps(
+        records
+            .iter()
+            .filter(|r| {
+                same_point(&r.spec, base)
+                    && r.spec.contender == *contender
+                    && match r.spec.phase {
+                        Phase::Backlog => !paced,
+                        Phase::Paced { .. } => paced,
+                        Phase::Soak { .. } | Phase::Live { .. } => false,
+                    }
+            })
+            .filter_map(|r| r.outcome.as_ref().map(|o| (r.spec.rep, o)))
+            .collect(),
+    )
 }
 
 /// The first sidecar contender among the records' throughput runs.
@@ -128,17 +204,24 @@ fn grid_sidecar(records: &[Record]) -> Option<Contender> {
         .find(|c| matches!(c, Contender::Sidecar(_)))
 }
 
-/// The distinct grid points (broker-limit backlog runs), in run order.
+/// The distinct grid points (broker-limit backlog runs of the first repetition), in run
+/// order.
 pub fn grid_points(records: &[Record]) -> Vec<&Spec> {
     records
         .iter()
         .filter(|r| {
             r.spec.contender == Contender::Broker
                 && r.spec.workload == Workload::Fast
+                && r.spec.rep == 0
                 && matches!(r.spec.phase, Phase::Backlog)
         })
         .map(|r| &r.spec)
         .collect()
+}
+
+/// Repetitions per grid point in these records (1 without `--repeat`).
+fn repetitions(records: &[Record]) -> u32 {
+    records.iter().map(|r| r.spec.rep + 1).max().unwrap_or(1)
 }
 
 /// Figures the targets are judged on.
@@ -168,8 +251,23 @@ pub fn markdown(records: &[Record]) -> String {
     let mut worst = Worst::default();
     let sidecar = grid_sidecar(records);
     let points = grid_points(records);
+    let reps = repetitions(records);
     if let (Some(sc), false) = (&sidecar, points.is_empty()) {
-        md.push_str("### Throughput (prepublished backlog, prefetch 1, 4 fast backends)\n\n");
+        let transient = if records.iter().any(|r| r.spec.transient) {
+            ", **transient messages** (diagnostic)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            md,
+            "### Throughput (prepublished backlog, prefetch 1, 4 fast backends{transient})\n"
+        );
+        if reps > 1 {
+            let _ = writeln!(
+                md,
+                "{reps} repetitions per point, contenders in rotated order. msg/s and CPU s/10k are medians; ratios are the median (min … max) of the ratios paired within each repetition; peak RSS is the largest.\n"
+            );
+        }
         md.push_str("| queue | body | consumers | broker msg/s | forwarder msg/s | sidecar msg/s | sidecar / forwarder | sidecar / broker | forwarder CPU s/10k | sidecar CPU s/10k | CPU ratio | forwarder peak RSS MB | sidecar peak RSS MB |\n");
         md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &points {
@@ -182,28 +280,24 @@ pub fn markdown(records: &[Record]) -> String {
                 size(p.body),
                 p.consumers
             );
-            let rate = |o: Option<&Outcome>| {
-                o.map_or_else(|| "-".into(), |o| format!("{:.0}", o.msgs_per_s))
-            };
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
             let fmt =
                 |r: Option<f64>, d: usize| r.map_or_else(|| "-".into(), |r| format!("{r:.d$}"));
-            let sf = ratio(s.map(|o| o.msgs_per_s), f.map(|o| o.msgs_per_s));
-            let sb = ratio(s.map(|o| o.msgs_per_s), b.map(|o| o.msgs_per_s));
-            let fc = f.map(|o| o.cpu_per_10k(p.messages));
-            let scpu = s.map(|o| o.cpu_per_10k(p.messages));
-            let cr = ratio(scpu, fc);
-            if let Some(v) = sf {
+            let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+            let rate = |o: &Outcome| Some(o.msgs_per_s);
+            let cpu = |o: &Outcome| Some(o.cpu_per_10k(p.messages));
+            let sf = s.paired(&f, |a, b| ratio(a.msgs_per_s, b.msgs_per_s));
+            let sb = s.paired(&b, |a, b| ratio(a.msgs_per_s, b.msgs_per_s));
+            let cr = s.paired(&f, |a, b| {
+                ratio(a.cpu_per_10k(p.messages), b.cpu_per_10k(p.messages))
+            });
+            if let Some(v) = median(sf.clone()) {
                 keep_min(&mut worst.throughput_ratio, v, at.clone());
             }
-            if let Some(v) = cr {
+            if let Some(v) = median(cr.clone()) {
                 keep_max(&mut worst.cpu_ratio, v, at.clone());
             }
-            if let (Some(s), 64) = (s, p.consumers) {
-                keep_max(&mut worst.rss_64_mb, mb(s.peak_rss_kib), at.clone());
+            if let (Some(v), 64) = (s.max(|o| mb(o.peak_rss_kib)), p.consumers) {
+                keep_max(&mut worst.rss_64_mb, v, at.clone());
             }
             let _ = writeln!(
                 md,
@@ -211,16 +305,16 @@ pub fn markdown(records: &[Record]) -> String {
                 p.queue_type.as_str(),
                 size(p.body),
                 p.consumers,
-                rate(b),
-                rate(f),
-                rate(s),
-                fmt(sf, 2),
-                fmt(sb, 2),
-                fmt(fc, 3),
-                fmt(scpu, 3),
-                fmt(cr, 2),
-                fmt(f.map(|o| mb(o.peak_rss_kib)), 1),
-                fmt(s.map(|o| mb(o.peak_rss_kib)), 1),
+                fmt(b.median(rate), 0),
+                fmt(f.median(rate), 0),
+                fmt(s.median(rate), 0),
+                spread(&sf, 2, false),
+                spread(&sb, 2, false),
+                fmt(f.median(cpu), 3),
+                fmt(s.median(cpu), 3),
+                spread(&cr, 2, false),
+                fmt(f.max(|o| mb(o.peak_rss_kib)), 1),
+                fmt(s.max(|o| mb(o.peak_rss_kib)), 1),
             );
         }
         md.push('\n');
@@ -229,7 +323,21 @@ pub fn markdown(records: &[Record]) -> String {
             .iter()
             .any(|r| matches!(r.spec.phase, Phase::Paced { .. }) && r.outcome.is_some());
         if has_paced {
-            md.push_str("### End-to-end latency at 50% of the forwarder's maximum live rate (publish → backend receipt; broker: → delivery), ms\n\n");
+            let transient = if records.iter().any(|r| r.spec.transient) {
+                ", **transient messages** (diagnostic)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                md,
+                "### End-to-end latency at 50% of the forwarder's maximum live rate (publish → backend receipt; broker: → delivery){transient}, ms\n"
+            );
+            if reps > 1 {
+                let _ = writeln!(
+                    md,
+                    "{reps} repetitions per point at the same paced rate. Quantiles are medians over the repetitions; the differences are the median (min … max) of the differences paired within each repetition.\n"
+                );
+            }
             md.push_str("| queue | body | consumers | forwarder live max msg/s | paced rate msg/s | broker p50 / p99 / p999 | forwarder p50 / p99 / p999 | sidecar p50 / p99 / p999 | sidecar − forwarder p50 | sidecar − forwarder p99 |\n");
             md.push_str("|---|---|---:|---:|---:|---|---|---|---:|---:|\n");
             for p in &points {
@@ -241,27 +349,23 @@ pub fn markdown(records: &[Record]) -> String {
                         _ => None,
                     });
                 let Some(rate) = rate else { continue };
-                let triple = |o: Option<&Outcome>| {
-                    o.map_or_else(
-                        || "-".into(),
-                        |o| {
-                            format!(
-                                "{} / {} / {}",
-                                us(o.latency_at(0.5)),
-                                us(o.latency_at(0.99)),
-                                us(o.latency_at(0.999))
-                            )
-                        },
-                    )
+                let ms = |o: &Outcome, q: f64| o.latency_at(q).map(|v| v as f64 / 1000.0);
+                let triple = |r: &Reps<'_>| {
+                    if r.is_empty() {
+                        return "-".to_owned();
+                    }
+                    let m = |q: f64| {
+                        r.median(|o| ms(o, q))
+                            .map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+                    };
+                    format!("{} / {} / {}", m(0.5), m(0.99), m(0.999))
                 };
                 let b = find_phase(records, p, &Contender::Broker, true);
                 let f = find_phase(records, p, &Contender::Forwarder, true);
                 let s = find_phase(records, p, sc, true);
-                let diff = |q: f64| -> Option<f64> {
-                    Some((s?.latency_at(q)? as f64 - f?.latency_at(q)? as f64) / 1000.0)
-                };
+                let diff = |q: f64| s.paired(&f, |a, b| Some(ms(a, q)? - ms(b, q)?));
                 let d99 = diff(0.99);
-                if let Some(v) = d99 {
+                if let Some(v) = median(d99.clone()) {
                     keep_max(
                         &mut worst.added_p99_ms,
                         v,
@@ -273,7 +377,6 @@ pub fn markdown(records: &[Record]) -> String {
                         ),
                     );
                 }
-                let f2 = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:+.2}"));
                 let _ = writeln!(
                     md,
                     "| {} | {} | {} | {} | {rate:.0} | {} | {} | {} | {} | {} |",
@@ -282,11 +385,11 @@ pub fn markdown(records: &[Record]) -> String {
                     p.consumers,
                     find_live(records, p)
                         .map_or_else(|| "-".into(), |o| format!("{:.0}", o.msgs_per_s)),
-                    triple(b),
-                    triple(f),
-                    triple(s),
-                    f2(diff(0.5)),
-                    f2(d99),
+                    triple(&b),
+                    triple(&f),
+                    triple(&s),
+                    spread(&diff(0.5), 2, true),
+                    spread(&d99, 2, true),
                 );
             }
             md.push('\n');
@@ -409,7 +512,7 @@ pub fn markdown(records: &[Record]) -> String {
         md.push('\n');
     }
 
-    md.push_str("### Targets\n\n| target | measured (worst grid point) | met |\n|---|---|---|\n");
+    md.push_str("### Targets\n\n| target | measured (worst grid point; medians over repetitions) | met |\n|---|---|---|\n");
     let verdict = |ok: bool| if ok { "yes" } else { "**no**" };
     let mut target =
         |name: &str, v: &Option<(f64, String)>, unit: &str, ok: &dyn Fn(f64) -> bool| {

@@ -111,6 +111,14 @@ pub struct Spec {
     pub workload: Workload,
     /// The sidecar's `max_in_flight` per backend.
     pub max_in_flight: u32,
+    /// Which repetition of its grid point this run is (0-based; `--repeat`). Results saved
+    /// before repetitions existed read as 0.
+    #[serde(default)]
+    pub rep: u32,
+    /// Transient messages (delivery_mode 1) instead of persistent ones: a diagnostic that
+    /// takes the broker's disk writes out of the latency (`--transient`).
+    #[serde(default)]
+    pub transient: bool,
 }
 
 /// What one run measured.
@@ -235,7 +243,7 @@ async fn run_on(ctx: &Ctx, spec: &Spec, queue: &str) -> anyhow::Result<Outcome> 
     let recorder = Recorder::new(spec.messages, warmup)?;
     let backends = Backends::start(&spec.workload.behaviours(), &recorder).await?;
     let broker = ctx.broker().await?;
-    let mut publisher = broker.publisher(queue, spec.body).await?;
+    let mut publisher = broker.publisher(queue, spec.body, !spec.transient).await?;
     if let Phase::Backlog = spec.phase {
         publisher.backlog(spec.messages).await?;
     }
