@@ -1,4 +1,7 @@
-//! CPU time and memory of a process, read from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! CPU time and memory of a process, read from `/proc/<pid>/stat` and `/proc/<pid>/status`,
+//! and the machine's CPU use from `/proc/stat` (to start each run on a quiet machine).
+
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -66,5 +69,103 @@ pub fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
     unsafe {
         libc::kill(pid, signal);
+    }
+}
+
+/// Machine-wide CPU time from the first line of `/proc/stat`, in clock ticks: (busy, total).
+/// Idle and iowait count as not busy; guest time is already inside user time.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
+        return None;
+    };
+    let busy = user + nice + system + irq + softirq + steal;
+    Some((busy, busy + idle + iowait))
+}
+
+/// How a wait for a quiet machine ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Quiesced {
+    /// How long it waited.
+    pub waited: Duration,
+    /// Whether the machine was quiet in the end (false: the deadline passed first).
+    pub quiet: bool,
+}
+
+/// Waits until the whole machine used less than `max_busy` (0..1) of its CPUs over one
+/// `window`, or until `deadline` passes.
+///
+/// The broker keeps working after a run: it deletes the run's queue and its messages,
+/// compacts its message store and collects garbage, and that work can land in the next run
+/// (in the main report the first paced run after each live run often had p99 spikes for
+/// every contender, the bare broker consumer included). Waiting on the condition (not a
+/// fixed pause) keeps quiet runs fast. It did not make the p99 steadier, see BENCHMARKS.md
+/// ("Tail latency"). Where `/proc/stat` cannot be read it returns at once.
+pub async fn quiesce(max_busy: f64, window: Duration, deadline: Duration) -> Quiesced {
+    let started = Instant::now();
+    let Some(mut last) = machine_ticks() else {
+        return Quiesced {
+            waited: Duration::ZERO,
+            quiet: true,
+        };
+    };
+    loop {
+        tokio::time::sleep(window).await;
+        let Some(now) = machine_ticks() else {
+            break;
+        };
+        let (busy, total) = (now.0.saturating_sub(last.0), now.1.saturating_sub(last.1));
+        last = now;
+        if total > 0 && (busy as f64) < max_busy * total as f64 {
+            return Quiesced {
+                waited: started.elapsed(),
+                quiet: true,
+            };
+        }
+        if started.elapsed() >= deadline {
+            break;
+        }
+    }
+    Quiesced {
+        waited: started.elapsed(),
+        quiet: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ticks_advance_and_busy_is_part_of_total() {
+        let (busy0, total0) = machine_ticks().expect("/proc/stat readable on Linux");
+        assert!(busy0 <= total0);
+        // Spin until the kernel has counted at least one more tick somewhere.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut now = (busy0, total0);
+        while now.1 == total0 && Instant::now() < deadline {
+            now = machine_ticks().expect("/proc/stat readable on Linux");
+        }
+        assert!(now.1 > total0, "no CPU time counted in 5 s");
+        assert!(now.0 >= busy0 && now.0 - busy0 <= now.1 - total0);
+    }
+
+    #[tokio::test]
+    async fn quiesce_gives_up_at_its_deadline_when_nothing_counts_as_quiet() {
+        // Less than 0% busy is never true.
+        let q = quiesce(0.0, Duration::from_millis(50), Duration::from_millis(200)).await;
+        assert!(!q.quiet);
+        assert!(q.waited >= Duration::from_millis(200));
+        // Less than 101% busy is always true after one window.
+        let q = quiesce(1.01, Duration::from_millis(50), Duration::from_secs(5)).await;
+        assert!(q.quiet);
+        assert!(q.waited < Duration::from_secs(5));
     }
 }

@@ -574,3 +574,42 @@ pub fn rss_flatness(samples: &[(f64, u64)]) -> Option<(f64, f64, f64)> {
     let mean = rest.iter().sum::<f64>() / rest.len() as f64;
     Some((lo, hi, (hi - lo) / 2.0 / mean))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn spread_shows_the_range_only_for_several_values() {
+        assert_eq!(spread(&[1.234], 2, false), "1.23");
+        assert_eq!(spread(&[0.9, 1.1, 1.0], 2, false), "1.00 (0.90 … 1.10)");
+        assert_eq!(spread(&[-0.5, 0.25], 2, true), "-0.12 (-0.50 … +0.25)");
+        assert_eq!(spread(&[], 2, false), "-");
+    }
+
+    #[test]
+    fn paired_figures_match_repetitions() {
+        let o = |rate: f64| Outcome {
+            msgs_per_s: rate,
+            ..Outcome::default()
+        };
+        let (a0, a2, b0, b1) = (o(90.0), o(120.0), o(100.0), o(50.0));
+        let a = Reps(vec![(0, &a0), (2, &a2)]);
+        let b = Reps(vec![(0, &b0), (1, &b1)]);
+        // Only repetition 0 is in both.
+        assert_eq!(
+            a.paired(&b, |x, y| Some(x.msgs_per_s / y.msgs_per_s)),
+            vec![0.9]
+        );
+        assert_eq!(a.median(|x| Some(x.msgs_per_s)), Some(105.0));
+        assert_eq!(b.max(|x| x.msgs_per_s), Some(100.0));
+    }
+}

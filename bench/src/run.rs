@@ -183,9 +183,34 @@ pub struct Ctx {
     pub counter: std::sync::atomic::AtomicU32,
     /// Print progress lines.
     pub verbose: bool,
+    /// Wait for a quiet machine before each measured run.
+    pub quiesce: bool,
 }
 
+/// A machine counts as quiet below this share of its CPUs in use (all processes).
+pub const QUIESCE_MAX_BUSY: f64 = 0.10;
+/// Over this window.
+pub const QUIESCE_WINDOW: Duration = Duration::from_millis(500);
+/// The longest wait for a quiet machine before a run goes ahead anyway.
+pub const QUIESCE_DEADLINE: Duration = Duration::from_secs(20);
+
 impl Ctx {
+    /// Waits (at most [`QUIESCE_DEADLINE`]) until the machine is quiet before a run is
+    /// measured; see [`crate::procstat::quiesce`]. Only with `--quiesce`.
+    pub async fn quiesce(&self) {
+        if !self.quiesce {
+            return;
+        }
+        let q = crate::procstat::quiesce(QUIESCE_MAX_BUSY, QUIESCE_WINDOW, QUIESCE_DEADLINE).await;
+        if !q.quiet && self.verbose {
+            println!(
+                "  (the machine stayed above {:.0}% CPU for {:.0} s; measuring anyway)",
+                QUIESCE_MAX_BUSY * 100.0,
+                q.waited.as_secs_f64()
+            );
+        }
+    }
+
     /// The broker connection, reconnecting (for up to two minutes) if it was lost.
     ///
     /// # Errors
@@ -266,8 +291,17 @@ async fn run_on(ctx: &Ctx, spec: &Spec, queue: &str) -> anyhow::Result<Outcome> 
         work_dir: &ctx.work_dir,
         run_name: queue,
     };
+    // A backlog run consumes as soon as the contender is up: let the broker finish writing
+    // the backlog (and the previous run's clean-up) first. The other phases publish after
+    // the contender is ready, so they wait then.
+    if matches!(spec.phase, Phase::Backlog) {
+        ctx.quiesce().await;
+    }
     let mut proc = contender::start(&launch)?;
     proc.wait_ready(Duration::from_secs(30)).await?;
+    if !matches!(spec.phase, Phase::Backlog) {
+        ctx.quiesce().await;
+    }
     let publishing = {
         let n = spec.messages;
         let rec = Arc::clone(&recorder);
