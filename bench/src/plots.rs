@@ -6,7 +6,7 @@ use plotters::prelude::*;
 
 use crate::{
     contender::Contender,
-    report::{Record, grid_points},
+    report::{Record, grid_points, median},
     run::{Outcome, Phase, Workload},
 };
 
@@ -121,10 +121,7 @@ fn throughput(records: &[Record], path: &Path) -> anyhow::Result<bool> {
             }
             let mut pts: Vec<(f64, f64)> = by_consumers
                 .into_iter()
-                .map(|(n, mut v)| {
-                    v.sort_by(f64::total_cmp);
-                    (f64::from(n), v[v.len() / 2])
-                })
+                .filter_map(|(n, v)| Some((f64::from(n), median(&v)?)))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             let col = color(i);

@@ -20,6 +20,16 @@ pub struct Record {
     pub error: Option<String>,
 }
 
+impl Record {
+    /// The first line of the error, or "" for a run that succeeded.
+    fn error_line(&self) -> &str {
+        self.error
+            .as_deref()
+            .and_then(|e| e.lines().next())
+            .unwrap_or("")
+    }
+}
+
 /// Human name of a body size.
 fn size(body: usize) -> String {
     if body >= 1024 && body.is_multiple_of(1024) {
@@ -116,7 +126,7 @@ impl<'a> Reps<'a> {
 
     /// The median over the repetitions of `f`.
     fn median(&self, f: impl Fn(&Outcome) -> Option<f64>) -> Option<f64> {
-        median(self.0.iter().filter_map(|(_, o)| f(o)).collect())
+        median(&self.0.iter().filter_map(|(_, o)| f(o)).collect::<Vec<_>>())
     }
 
     /// The largest `f` over the repetitions.
@@ -136,9 +146,10 @@ impl<'a> Reps<'a> {
     }
 }
 
-/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
+/// The median of the finite values in `v` (the mean of the middle two for an even count);
+/// `None` when there are none. The tables and the throughput plot both use it.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
     }
@@ -154,7 +165,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// "median" for one value, "median (min–max)" for several; `-` for none. `signed` prints a
 /// sign (differences).
 fn spread(v: &[f64], decimals: usize, signed: bool) -> String {
-    let Some(m) = median(v.to_vec()) else {
+    let Some(m) = median(v) else {
         return "-".into();
     };
     let f = |x: f64| {
@@ -252,12 +263,12 @@ pub fn markdown(records: &[Record]) -> String {
     let sidecar = grid_sidecar(records);
     let points = grid_points(records);
     let reps = repetitions(records);
+    let transient = if records.iter().any(|r| r.spec.transient) {
+        ", **transient messages** (diagnostic)"
+    } else {
+        ""
+    };
     if let (Some(sc), false) = (&sidecar, points.is_empty()) {
-        let transient = if records.iter().any(|r| r.spec.transient) {
-            ", **transient messages** (diagnostic)"
-        } else {
-            ""
-        };
         let _ = writeln!(
             md,
             "### Throughput (prepublished backlog, prefetch 1, 4 fast backends{transient})\n"
@@ -290,10 +301,10 @@ pub fn markdown(records: &[Record]) -> String {
             let cr = s.paired(&f, |a, b| {
                 ratio(a.cpu_per_10k(p.messages), b.cpu_per_10k(p.messages))
             });
-            if let Some(v) = median(sf.clone()) {
+            if let Some(v) = median(&sf) {
                 keep_min(&mut worst.throughput_ratio, v, at.clone());
             }
-            if let Some(v) = median(cr.clone()) {
+            if let Some(v) = median(&cr) {
                 keep_max(&mut worst.cpu_ratio, v, at.clone());
             }
             if let (Some(v), 64) = (s.max(|o| mb(o.peak_rss_kib)), p.consumers) {
@@ -323,11 +334,6 @@ pub fn markdown(records: &[Record]) -> String {
             .iter()
             .any(|r| matches!(r.spec.phase, Phase::Paced { .. }) && r.outcome.is_some());
         if has_paced {
-            let transient = if records.iter().any(|r| r.spec.transient) {
-                ", **transient messages** (diagnostic)"
-            } else {
-                ""
-            };
             let _ = writeln!(
                 md,
                 "### End-to-end latency at 50% of the forwarder's maximum live rate (publish → backend receipt; broker: → delivery){transient}, ms\n"
@@ -365,7 +371,7 @@ pub fn markdown(records: &[Record]) -> String {
                 let s = find_phase(records, p, sc, true);
                 let diff = |q: f64| s.paired(&f, |a, b| Some(ms(a, q)? - ms(b, q)?));
                 let d99 = diff(0.99);
-                if let Some(v) = median(d99.clone()) {
+                if let Some(v) = median(&d99) {
                     keep_max(
                         &mut worst.added_p99_ms,
                         v,
@@ -441,12 +447,7 @@ pub fn markdown(records: &[Record]) -> String {
                         md,
                         "| {} | - | - | - | - | - | - | - | - | {} |",
                         r.spec.contender.label(),
-                        r.error
-                            .as_deref()
-                            .unwrap_or("")
-                            .lines()
-                            .next()
-                            .unwrap_or("")
+                        r.error_line()
                     );
                 }
             }
@@ -501,12 +502,7 @@ pub fn markdown(records: &[Record]) -> String {
                     .split_whitespace()
                     .collect::<Vec<_>>()
                     .join(" "),
-                r.error
-                    .as_deref()
-                    .unwrap_or("")
-                    .lines()
-                    .next()
-                    .unwrap_or("")
+                r.error_line()
             );
         }
         md.push('\n');
@@ -581,10 +577,10 @@ mod tests {
 
     #[test]
     fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
-        assert_eq!(median(vec![f64::NAN, 5.0]), Some(5.0));
-        assert_eq!(median(Vec::new()), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]
