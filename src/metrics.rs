@@ -41,6 +41,9 @@ pub const BACKEND_HEALTHY: &str = "amqp_sidecar_backend_healthy";
 pub const BACKEND_EJECTIONS: &str = "amqp_sidecar_backend_ejections_total";
 /// Gauge: 1 while consumption is paused because no backend is usable.
 pub const PAUSED: &str = "amqp_sidecar_paused";
+/// Counter: pauses ended by the pause guard because the pool had a usable backend that the
+/// published usable count did not show. Should always read 0; anything else is a bug.
+pub const PAUSE_SELF_CORRECTIONS: &str = "amqp_sidecar_pause_self_corrections_total";
 /// Gauge: 1 while connected to the broker.
 pub const CONNECTED: &str = "amqp_sidecar_connected";
 /// Gauge: consumers currently subscribed.
@@ -169,6 +172,11 @@ fn describe() {
         Unit::Count,
         "1 while consumption is paused because no backend is usable, else 0."
     );
+    describe_counter!(
+        PAUSE_SELF_CORRECTIONS,
+        Unit::Count,
+        "Pauses ended because the pool had a usable backend the published count missed (a bug if not 0)."
+    );
     describe_gauge!(
         CONNECTED,
         Unit::Count,
@@ -275,6 +283,16 @@ pub fn set_consumers(n: usize) {
 /// Sets [`PAUSED`].
 pub fn set_paused(paused: bool) {
     gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
+}
+
+/// Publishes [`PAUSE_SELF_CORRECTIONS`] at 0, so alerts see the series from the start.
+pub fn init_pause_self_corrections() {
+    counter!(PAUSE_SELF_CORRECTIONS).increment(0);
+}
+
+/// Increments [`PAUSE_SELF_CORRECTIONS`].
+pub fn pause_self_corrected() {
+    counter!(PAUSE_SELF_CORRECTIONS).increment(1);
 }
 
 /// Increments [`CONNECTION_RECOVERIES`].

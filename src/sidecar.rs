@@ -33,7 +33,7 @@ use crate::{
         Backend, Client,
         health::{HealthChecker, Target},
     },
-    balance::{self, Hooks, Pool},
+    balance::{self, EjectionClock, Hooks, Pool},
     config::{Config, redact_url},
     dispatch::Dispatcher,
 };
@@ -138,6 +138,7 @@ impl Sidecar {
         health.set_connected(false);
         health.set_consumers(0);
         health.set_paused(false);
+        crate::metrics::init_pause_self_corrections();
         let admin = AdminServer::bind(config.admin.listen, handle, Arc::clone(&health))
             .await
             .map_err(|source| SidecarError::AdminBind {
@@ -280,6 +281,9 @@ impl Sidecar {
             .checker
             .take()
             .map(|c| tokio::spawn(c.run(admin_stop.clone())));
+        let clock = tokio::spawn(
+            EjectionClock::new(Arc::clone(self.dispatcher.pool())).run(admin_stop.clone()),
+        );
         // Readiness follows the number of usable backends.
         let mirror = {
             let (health, mut usable) = (Arc::clone(&self.health), self.dispatcher.pool().usable());
@@ -334,6 +338,7 @@ impl Sidecar {
         if let Some(checker) = checker {
             let _ = checker.await;
         }
+        let _ = clock.await;
         if let Some(admin) = admin {
             let _ = admin.await;
         }
@@ -540,11 +545,7 @@ impl Sidecar {
                 self.probe_targets.clone(),
                 probe_stop.clone(),
             ));
-            let resumed = tokio::select! {
-                () = shutdown.cancelled() => None,
-                Ok(_) = usable.wait_for(|u| *u > 0) => Some(Ok(())),
-                () = connection_lost(conn) => Some(Err("connection lost while paused".to_owned())),
-            };
+            let resumed = self.wait_for_backend(&mut usable, conn, shutdown).await;
             probe_stop.cancel();
             let _ = probe.await;
             self.health.set_paused(false);
@@ -562,6 +563,52 @@ impl Sidecar {
                 }
             }
             tracing::info!("a backend is usable again: consumption resumed");
+        }
+    }
+}
+
+impl Sidecar {
+    /// While paused: waits until the published usable count is above 0, shutdown, or the
+    /// connection is lost. Returns `None` on shutdown, `Some(Err(reason))` on a lost
+    /// connection.
+    ///
+    /// A guard re-reads the pool itself every [`PROBE_INTERVAL`]: if the pool's recorded
+    /// state has a usable backend that the published count does not show, the pause has
+    /// outlived its cause, and it ends (counted in
+    /// `amqp_sidecar_pause_self_corrections_total`, which should read 0). It also ends
+    /// ejections whose time is up, should the [`EjectionClock`] be late.
+    async fn wait_for_backend(
+        &self,
+        usable: &mut tokio::sync::watch::Receiver<usize>,
+        conn: &Connection,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), String>> {
+        let pool = self.dispatcher.pool();
+        let mut guard = tokio::time::interval(PROBE_INTERVAL);
+        guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                Ok(_) = usable.wait_for(|u| *u > 0) => return Some(Ok(())),
+                () = connection_lost(conn) => {
+                    return Some(Err("connection lost while paused".to_owned()));
+                }
+                _ = guard.tick() => {}
+            }
+            if *usable.borrow() != 0 {
+                continue;
+            }
+            let recorded = pool.usable_recorded();
+            if recorded > 0 {
+                crate::metrics::pause_self_corrected();
+                tracing::error!(
+                    usable_backends = recorded,
+                    "paused although a backend is usable (the published count missed it): resuming"
+                );
+                return Some(Ok(()));
+            }
+            // Ends ejections whose time is up, should the ejection clock be late.
+            pool.refresh();
         }
     }
 }

@@ -386,3 +386,109 @@ async fn without_health_checks_a_paused_sidecar_probes_by_tcp_and_resumes() {
     acc.assert_no_loss("probe");
     cleanup(&conn, &cfg).await;
 }
+
+/// One run of issue 17's scenario: two backends down at the start, no health checks,
+/// ejection `{2, 1000 ms, 2000 ms, 100%}`, a classic queue, 200 messages; the workers start
+/// `outage` later. Returns how long after the workers listened the first request reached
+/// one of them.
+async fn down_then_up(run: usize, outage: Duration) -> Duration {
+    const N: usize = 200;
+    let conn = broker().await;
+    let queue = unique(&format!("down-up-{run}"));
+    let addrs: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let backends = addrs
+        .iter()
+        .map(|a| amqp_sidecar::config::BackendConfig {
+            max_in_flight: 1,
+            timeout_ms: 5_000,
+            ..amqp_sidecar::config::BackendConfig::new(format!("http://{a}/"))
+        })
+        .collect();
+    let mut cfg = config(&queue, backends);
+    cfg.amqp.queue_type = QueueType::Classic;
+    cfg.retry.max_attempts = 3;
+    cfg.ejection.consecutive_failures = 2;
+    cfg.ejection.base_ms = 1_000;
+    cfg.ejection.max_ms = 2_000;
+    cfg.ejection.max_percent = 100;
+    declare(&conn, &cfg).await;
+    publish_n(&conn, &queue, N).await;
+    let sidecar = start_unready(cfg.clone()).await;
+    wait_until("paused", Duration::from_secs(10), || async {
+        sidecar.readiness().await["paused"] == true
+    })
+    .await;
+    tokio::time::sleep(outage).await;
+    let mut workers = Vec::new();
+    for a in &addrs {
+        workers.push(
+            Worker::builder()
+                .latency(Duration::from_millis(1))
+                .on(*a)
+                .spawn()
+                .await,
+        );
+    }
+    let listening = Instant::now();
+    let all: Vec<&Worker> = workers.iter().collect();
+    wait_until(
+        &format!("run {run}: consumption resumed"),
+        Duration::from_secs(10),
+        || async { all.iter().any(|w| w.count() > 0) },
+    )
+    .await;
+    let first = all
+        .iter()
+        .filter_map(|w| w.requests().first().map(|r| r.at))
+        .min()
+        .expect("a request");
+    let resumed_after = first.saturating_duration_since(listening);
+    wait_until(
+        &format!("run {run}: queue drained"),
+        Duration::from_secs(30),
+        || async { ready(&conn, &queue).await == 0 && sidecar.readiness().await["ready"] == true },
+    )
+    .await;
+    sidecar.stop().await.expect("clean stop");
+    let acc = account(&conn, &cfg, N, &all).await;
+    acc.assert_no_loss(&format!("down-then-up run {run}"));
+    assert_eq!(acc.remaining, 0, "run {run}: everything was settled");
+    cleanup(&conn, &cfg).await;
+    resumed_after
+}
+
+/// Issue 17: a paused sidecar whose backends come back must resume, every time. 20 runs,
+/// four at a time; each must resume within 2 s of its workers listening.
+#[tokio::test]
+async fn a_paused_sidecar_resumes_when_its_workers_come_back_20_runs() {
+    let _turn = PAUSING.lock().await;
+    let mut resumes = Vec::new();
+    for round in 0..5 {
+        let runs = (0..4).map(|k| {
+            let run = round * 4 + k;
+            // Workers come back at different points of the eject / expire / probe cycle.
+            down_then_up(run, Duration::from_millis(2_000 + 400 * k as u64))
+        });
+        resumes.extend(futures_util::future::join_all(runs).await);
+    }
+    let ms: Vec<u128> = resumes.iter().map(Duration::as_millis).collect();
+    println!("[down-then-up] resumed after the workers listened, ms: {ms:?}");
+    assert_eq!(resumes.len(), 20);
+    for (run, r) in resumes.iter().enumerate() {
+        assert!(
+            *r < Duration::from_secs(2),
+            "run {run}: resumed {r:?} after the workers listened (want < 2 s)"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &amqp_sidecar::metrics::install().render(),
+            "amqp_sidecar_pause_self_corrections_total",
+            &[],
+        ),
+        0.0,
+        "the pause guard never had to step in"
+    );
+}

@@ -23,10 +23,14 @@ mod strategy;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 
 pub use strategy::{LeastInFlight, PowerOfTwo, RandomPick, RoundRobin, WeightedRoundRobin};
 
@@ -128,28 +132,30 @@ struct State {
 }
 
 impl State {
-    fn usable(&self, i: usize) -> bool {
-        self.healthy[i] && self.ejections[i].until.is_none()
+    /// Whether backend `i` may take requests at `now`. Pure: an ejection whose time is up
+    /// counts as over even before [`State::expire`] clears it.
+    fn usable_at(&self, i: usize, now: Instant) -> bool {
+        self.healthy[i] && self.ejections[i].until.is_none_or(|until| until <= now)
     }
 
-    /// Returns backends whose ejection time is up; true if any came back.
-    fn refresh(&mut self, now: Instant) -> bool {
-        let mut changed = false;
+    fn usable_count_at(&self, now: Instant) -> usize {
+        (0..self.loads.len())
+            .filter(|&i| self.usable_at(i, now))
+            .count()
+    }
+
+    /// Clears ejections whose time is up and brings every `Load::usable` up to date. Only
+    /// [`Pool::update`] calls it, so the usable count is published right after.
+    fn expire(&mut self, now: Instant) {
         for i in 0..self.loads.len() {
             if let Some(until) = self.ejections[i].until
                 && until <= now
             {
                 self.ejections[i].until = None;
                 self.ejections[i].consecutive_failures = 0;
-                changed = true;
             }
-            self.loads[i].usable = self.usable(i);
+            self.loads[i].usable = self.usable_at(i, now);
         }
-        changed
-    }
-
-    fn usable_count(&self) -> usize {
-        (0..self.loads.len()).filter(|&i| self.usable(i)).count()
     }
 
     fn next_return(&self) -> Option<Instant> {
@@ -159,10 +165,17 @@ impl State {
 
 /// The backends' in-flight counts and usability, and the waiting room for deliveries when
 /// no usable backend has room.
+///
+/// Every change of usability goes through one method, `update`, which clears expired
+/// ejections, applies the change and publishes the usable count under the same lock, so a
+/// change and its publication cannot come apart. Readers ([`Pool::is_usable`],
+/// [`Pool::usable_now`], [`Pool::loads`]) never mutate.
 pub struct Pool {
     state: Mutex<State>,
     /// Signalled when a lease is released or a backend becomes usable.
     released: Notify,
+    /// Signalled when an ejection starts, so the [`EjectionClock`] re-arms its timer.
+    ejected: Notify,
     /// The number of usable backends, for readiness and pausing.
     usable: watch::Sender<usize>,
     ejection: EjectionConfig,
@@ -191,6 +204,7 @@ impl Pool {
                 balancer,
             }),
             released: Notify::new(),
+            ejected: Notify::new(),
             usable: watch::Sender::new(n),
             ejection,
             hooks,
@@ -205,6 +219,31 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The one way to change the state: clears expired ejections, runs `change`, and
+    /// publishes the usable count if it differs from the published one, all under the lock.
+    /// Waiters are woken when backends became usable.
+    fn update<R>(&self, now: Instant, change: impl FnOnce(&mut State) -> R) -> R {
+        let mut state = self.lock();
+        state.expire(now);
+        let result = change(&mut state);
+        state.expire(now);
+        let count = state.usable_count_at(now);
+        let mut grew = false;
+        self.usable.send_if_modified(|published| {
+            if *published == count {
+                return false;
+            }
+            grew = count > *published;
+            *published = count;
+            true
+        });
+        drop(state);
+        if grew {
+            self.released.notify_waiters();
+        }
+        result
+    }
+
     /// Takes a slot on a backend chosen by the balancer, if a usable one has room.
     #[must_use]
     pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
@@ -214,19 +253,18 @@ impl Pool {
     /// [`Pool::try_acquire`] at `now`; on failure returns when the next ejected backend
     /// comes back, if any is ejected.
     fn try_acquire_at(self: &Arc<Self>, now: Instant) -> Result<Lease, Option<Instant>> {
-        let mut state = self.lock();
-        if state.refresh(now) {
-            self.usable.send_replace(state.usable_count());
-        }
-        let State {
-            loads, balancer, ..
-        } = &mut *state;
-        let Some(index) = balancer.pick(loads).filter(|&i| loads[i].has_capacity()) else {
-            return Err(state.next_return());
-        };
-        let load = &mut state.loads[index];
-        load.in_flight += 1;
-        (self.hooks.in_flight)(index, load.in_flight);
+        let index = self.update(now, |state| {
+            let State {
+                loads, balancer, ..
+            } = state;
+            let Some(index) = balancer.pick(loads).filter(|&i| loads[i].has_capacity()) else {
+                return Err(state.next_return());
+            };
+            let load = &mut state.loads[index];
+            load.in_flight += 1;
+            (self.hooks.in_flight)(index, load.in_flight);
+            Ok(index)
+        })?;
         Ok(Lease {
             pool: Arc::clone(self),
             index,
@@ -252,7 +290,7 @@ impl Pool {
                 Err(Some(back_at)) => {
                     tokio::select! {
                         () = notified => {}
-                        () = tokio::time::sleep_until(back_at.into()) => {}
+                        () = tokio::time::sleep_until(back_at) => {}
                     }
                 }
                 Err(None) => notified.await,
@@ -263,13 +301,27 @@ impl Pool {
     /// Records what a request's outcome says about backend `index`, ejecting it after
     /// `ejection.consecutive_failures` failures in a row. Returns the ejection time if it
     /// was ejected.
-    pub fn report(self: &Arc<Self>, index: usize, health: Health) -> Option<Duration> {
+    pub fn report(&self, index: usize, health: Health) -> Option<Duration> {
         self.report_at(index, health, Instant::now())
     }
 
-    fn report_at(self: &Arc<Self>, index: usize, health: Health, now: Instant) -> Option<Duration> {
-        let mut state = self.lock();
-        state.refresh(now);
+    fn report_at(&self, index: usize, health: Health, now: Instant) -> Option<Duration> {
+        let ejected = self.update(now, |state| self.record(state, index, health, now));
+        if let Some(duration) = ejected {
+            (self.hooks.ejected)(index, duration);
+            self.ejected.notify_one();
+        }
+        ejected
+    }
+
+    /// The ejection rule (see the module docs) applied to one outcome.
+    fn record(
+        &self,
+        state: &mut State,
+        index: usize,
+        health: Health,
+        now: Instant,
+    ) -> Option<Duration> {
         let threshold = self.ejection.consecutive_failures;
         let e = &mut state.ejections[index];
         match health {
@@ -297,52 +349,50 @@ impl Pool {
             .saturating_mul(e.times_ejected)
             .min(Duration::from_millis(self.ejection.max_ms));
         e.until = Some(now + duration);
-        state.loads[index].usable = false;
-        (self.hooks.ejected)(index, duration);
-        self.usable.send_replace(state.usable_count());
-        drop(state);
-        // Publish the return on time (readiness, pausing); waiters in `acquire` wake on their
-        // own deadline.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let pool = Arc::clone(self);
-            let deadline = tokio::time::Instant::from_std(now + duration);
-            rt.spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                pool.refresh();
-            });
-        }
         Some(duration)
     }
 
     /// Sets the health flag of backend `index` (from active health checks).
     pub fn set_healthy(&self, index: usize, healthy: bool) {
-        let mut state = self.lock();
-        state.healthy[index] = healthy;
-        state.refresh(Instant::now());
-        self.usable.send_replace(state.usable_count());
-        drop(state);
-        if healthy {
-            self.released.notify_waiters();
-        }
+        self.update(Instant::now(), |state| state.healthy[index] = healthy);
     }
 
     /// Ends backend `index`'s ejection early (a probe found it answering while paused).
     pub fn readmit(&self, index: usize) {
-        let mut state = self.lock();
-        state.ejections[index].until = None;
-        state.ejections[index].consecutive_failures = 0;
-        state.refresh(Instant::now());
-        self.usable.send_replace(state.usable_count());
-        drop(state);
-        self.released.notify_waiters();
+        self.update(Instant::now(), |state| {
+            state.ejections[index].until = None;
+            state.ejections[index].consecutive_failures = 0;
+        });
     }
 
-    /// True when backend `index` may take requests (healthy and not ejected).
+    /// Re-evaluates ejections whose time is up, and publishes the usable count.
+    pub fn refresh(&self) {
+        self.update(Instant::now(), |_| ());
+    }
+
+    /// True when backend `index` may take requests now (healthy and not ejected). Reads
+    /// only.
     #[must_use]
     pub fn is_usable(&self, index: usize) -> bool {
-        let mut state = self.lock();
-        state.refresh(Instant::now());
-        state.usable(index)
+        self.lock().usable_at(index, Instant::now())
+    }
+
+    /// How many backends may take requests now, from the pool's own state (not the
+    /// published count). Reads only.
+    #[must_use]
+    pub fn usable_now(&self) -> usize {
+        self.lock().usable_count_at(Instant::now())
+    }
+
+    /// How many backends the recorded state has usable: healthy and not ejected, counting
+    /// an ejection as running until an update clears it. Every update publishes this count,
+    /// so it always equals the value on [`Pool::usable`]; the pause guard checks that.
+    #[must_use]
+    pub fn usable_recorded(&self) -> usize {
+        let state = self.lock();
+        (0..state.loads.len())
+            .filter(|&i| state.healthy[i] && state.ejections[i].until.is_none())
+            .count()
     }
 
     /// Subscribes to the number of usable backends.
@@ -351,20 +401,22 @@ impl Pool {
         self.usable.subscribe()
     }
 
-    /// Re-evaluates ejections whose time is up (and publishes the usable count).
-    pub fn refresh(&self) {
-        let mut state = self.lock();
-        if state.refresh(Instant::now()) {
-            self.usable.send_replace(state.usable_count());
-            drop(state);
-            self.released.notify_waiters();
-        }
+    /// When the next ejected backend comes back, if any is ejected.
+    #[must_use]
+    pub fn next_return(&self) -> Option<Instant> {
+        self.lock().next_return()
     }
 
-    /// A snapshot of every backend's load.
+    /// A snapshot of every backend's load, usability as of now.
     #[must_use]
     pub fn loads(&self) -> Vec<Load> {
-        self.lock().loads.clone()
+        let now = Instant::now();
+        let state = self.lock();
+        let mut loads = state.loads.clone();
+        for (i, load) in loads.iter_mut().enumerate() {
+            load.usable = state.usable_at(i, now);
+        }
+        loads
     }
 
     fn release(&self, index: usize) {
@@ -375,6 +427,47 @@ impl Pool {
             (self.hooks.in_flight)(index, load.in_flight);
         }
         self.released.notify_one();
+    }
+}
+
+/// Ends ejections on time: sleeps until the next ejected backend is due back and refreshes
+/// the pool, which publishes the new usable count (readiness, and resuming a paused
+/// sidecar). Re-arms whenever a new ejection starts.
+///
+/// Deliveries waiting in [`Pool::acquire`] do not need it (they wake on their own deadline);
+/// it exists for the readers of [`Pool::usable`] when no delivery is waiting, as when
+/// consumption is paused.
+pub struct EjectionClock {
+    pool: Arc<Pool>,
+}
+
+impl EjectionClock {
+    /// A clock for `pool`.
+    #[must_use]
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self { pool }
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            let ejected = self.pool.ejected.notified();
+            tokio::pin!(ejected);
+            ejected.as_mut().enable();
+            let next = self.pool.next_return();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = &mut ejected => {}
+                () = sleep_until_some(next) => self.pool.refresh(),
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -443,7 +536,7 @@ mod tests {
             p.report_at(0, Health::Failed, t0),
             Some(Duration::from_secs(1))
         );
-        assert!(!p.lock().usable(0));
+        assert!(!p.lock().usable_at(0, t0));
         // While ejected, only backend 1 is picked.
         let lease = p.try_acquire_at(t0).expect("backend 1 free");
         assert_eq!(lease.index(), 1);
@@ -518,6 +611,100 @@ mod tests {
         drop(lease);
         assert_eq!(p.loads()[0].in_flight, 0);
         assert!(p.try_acquire().is_some());
+    }
+
+    /// Issue 17: an ejection that expires is first seen by the pause-time probe
+    /// (`is_usable`), then by the expiry refresh. The usable count must still be published,
+    /// or a paused sidecar waits on the watch forever.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_seen_first_by_the_probe_is_still_published() {
+        let p = ejecting(2, 1, 100);
+        let mut usable = p.usable();
+        assert!(p.report(0, Health::Failed).is_some());
+        assert!(p.report(1, Health::Failed).is_some());
+        assert_eq!(*usable.borrow_and_update(), 0, "both ejected");
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        // The probe looks first...
+        assert!(p.is_usable(0));
+        assert!(p.is_usable(1));
+        // ...then the expiry refresh runs.
+        p.refresh();
+        assert_eq!(
+            *usable.borrow_and_update(),
+            2,
+            "the expiry must reach the watch whoever saw it first"
+        );
+    }
+
+    /// Issue 17, property style: random sequences of failures, successes, health flips,
+    /// probes (read, then readmit), refreshes, leases and clock advances, with the
+    /// [`EjectionClock`] running. After every step the published usable count equals the
+    /// pool's recorded state and agrees with the pure readers; after a clock advance it
+    /// also counts every ejection whose time is up as over (no probe or refresh needed).
+    #[tokio::test(start_paused = true)]
+    async fn the_published_usable_count_always_matches_the_pool() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        for seed in 0..200u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let n = rng.random_range(1..=4usize);
+            let cfg = EjectionConfig {
+                consecutive_failures: rng.random_range(1..=3),
+                base_ms: rng.random_range(50..=1_000),
+                max_ms: 2_000,
+                max_percent: [50, 100][rng.random_range(0..2)],
+            };
+            let p = Pool::new(
+                &vec![(2, 1); n],
+                Box::new(LeastInFlight::default()),
+                cfg,
+                Hooks::none(),
+            );
+            let stop = CancellationToken::new();
+            let clock = tokio::spawn(EjectionClock::new(Arc::clone(&p)).run(stop.clone()));
+            let usable = p.usable();
+            let mut leases = Vec::new();
+            for step in 0..150 {
+                let i = rng.random_range(0..n);
+                let op = rng.random_range(0..8);
+                match op {
+                    0 | 1 => drop(p.report(i, Health::Failed)),
+                    2 => drop(p.report(i, Health::Answered)),
+                    3 => p.set_healthy(i, rng.random_bool(0.7)),
+                    4 => {
+                        // The pause-time probe: a read, then a readmit if unusable.
+                        if !p.is_usable(i) && rng.random_bool(0.5) {
+                            p.readmit(i);
+                        }
+                    }
+                    5 => p.refresh(),
+                    6 => {
+                        if let Some(lease) = p.try_acquire() {
+                            leases.push(lease);
+                        } else if !leases.is_empty() {
+                            leases.swap_remove(0);
+                        }
+                    }
+                    _ => {
+                        let ms = rng.random_range(0..1_500);
+                        tokio::time::advance(Duration::from_millis(ms)).await;
+                    }
+                }
+                // Let the clock task run (paused time: it fires as soon as it is polled).
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+                let published = *usable.borrow();
+                let ctx = format!("seed {seed} step {step} op {op}");
+                assert_eq!(published, p.usable_recorded(), "{ctx}: recorded state");
+                assert_eq!(published, p.usable_now(), "{ctx}: expiries published");
+                let by_reader = (0..n).filter(|&b| p.is_usable(b)).count();
+                assert_eq!(published, by_reader, "{ctx}: readers agree");
+                let by_loads = p.loads().iter().filter(|l| l.usable).count();
+                assert_eq!(published, by_loads, "{ctx}: load snapshot agrees");
+            }
+            stop.cancel();
+            clock.await.expect("clock task");
+        }
     }
 
     #[tokio::test]
