@@ -1002,11 +1002,15 @@ impl Config {
         }
     }
 
-    /// The effective configuration as JSON, with the broker password replaced by `***`.
+    /// The effective configuration as JSON, with the broker password and every backend
+    /// URL's password replaced by `***`.
     #[must_use]
     pub fn redacted_json(&self) -> String {
         let mut copy = self.clone();
         copy.amqp.url = redact_url(&copy.amqp.url);
+        for b in &mut copy.backends {
+            b.url = redact_url(&b.url);
+        }
         serde_json::to_string_pretty(&copy).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 }

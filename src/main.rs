@@ -109,8 +109,18 @@ fn run_async<F: Future<Output = ExitCode>>(f: F) -> ExitCode {
     }
 }
 
+/// Targets capped at `debug`, whatever `RUST_LOG` asks for: at `trace`, lapin and
+/// amq-protocol log whole frames, and Connection.StartOk's SASL response holds the broker
+/// password. Their `debug` level has no frame contents.
+const CAPPED_TARGETS: [&str; 2] = ["lapin", "amq_protocol"];
+
 fn init_tracing(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    for target in CAPPED_TARGETS {
+        if let Ok(cap) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -44,6 +44,9 @@ pub const PAUSED: &str = "amqp_sidecar_paused";
 /// Counter: pauses ended by the pause guard because the pool had a usable backend that the
 /// published usable count did not show. Should always read 0; anything else is a bug.
 pub const PAUSE_SELF_CORRECTIONS: &str = "amqp_sidecar_pause_self_corrections_total";
+/// Counter: connections lost because a frame from the broker could not be parsed (a
+/// message the AMQP client cannot decode). Should read 0.
+pub const UNPARSABLE_FRAMES: &str = "amqp_sidecar_unparsable_frames_total";
 /// Gauge: 1 while connected to the broker.
 pub const CONNECTED: &str = "amqp_sidecar_connected";
 /// Gauge: consumers currently subscribed.
@@ -177,6 +180,11 @@ fn describe() {
         Unit::Count,
         "Pauses ended because the pool had a usable backend the published count missed (a bug if not 0)."
     );
+    describe_counter!(
+        UNPARSABLE_FRAMES,
+        Unit::Count,
+        "Connections lost because a frame from the broker could not be parsed (a poison message if it repeats)."
+    );
     describe_gauge!(
         CONNECTED,
         Unit::Count,
@@ -285,9 +293,15 @@ pub fn set_paused(paused: bool) {
     gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
-/// Publishes [`PAUSE_SELF_CORRECTIONS`] at 0, so alerts see the series from the start.
-pub fn init_pause_self_corrections() {
+/// Publishes [`PAUSE_SELF_CORRECTIONS`] and [`UNPARSABLE_FRAMES`] at 0, so alerts see the series from the start.
+pub fn init_bug_counters() {
     counter!(PAUSE_SELF_CORRECTIONS).increment(0);
+    counter!(UNPARSABLE_FRAMES).increment(0);
+}
+
+/// Increments [`UNPARSABLE_FRAMES`].
+pub fn unparsable_frame() {
+    counter!(UNPARSABLE_FRAMES).increment(1);
 }
 
 /// Increments [`PAUSE_SELF_CORRECTIONS`].

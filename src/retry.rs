@@ -9,7 +9,11 @@
 //!   attempt with `basic.reject` (counted on both) and hands back an unattempted delivery
 //!   (shutdown drain) with `basic.nack` (not counted on 4.x; counted on 3.x, a documented
 //!   over-count).
-//! - Where the header is absent (classic queues), the sidecar counts, keyed by message-id, or
+//! - The header is trusted only where the broker sets it: on a quorum queue's redelivery
+//!   (`redelivered = true`). On a first delivery, or on a classic queue, an
+//!   `x-delivery-count` came from the publisher (or a shovel or federation link that kept
+//!   it) and is ignored: a message that arrives with `x-delivery-count: 99` is attempt 1.
+//! - Where the header is absent or not trusted (classic queues), the sidecar counts, keyed by message-id, or
 //!   by a hash of the body and identifying properties. The map is bounded in size (LRU) and
 //!   age. Its counts are per process: they reset when the sidecar restarts and each pod keeps
 //!   its own, so a message may get up to `max_attempts` attempts per pod. A redelivery this
@@ -165,7 +169,15 @@ impl AttemptCounter {
 
     /// The attempt this delivery is.
     pub fn attempt(&self, d: &DeliveryIdentity<'_>) -> Attempt {
-        if let Some(count) = d.delivery_count.and_then(as_count) {
+        // `x-delivery-count` is trusted only where the broker sets it: a quorum queue's
+        // redelivery. On a first delivery, or on a classic queue, it came from the publisher
+        // (or a shovel or federation link that kept it) and says nothing about attempts here.
+        let broker_count = if self.queue_type == QueueType::Quorum && d.redelivered {
+            d.delivery_count.and_then(as_count)
+        } else {
+            None
+        };
+        if let Some(count) = broker_count {
             return Attempt {
                 number: count.saturating_add(1),
                 local: false,
@@ -329,12 +341,22 @@ mod tests {
     }
 
     #[test]
-    fn broker_count_wins() {
-        let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
+    fn broker_count_wins_on_a_quorum_redelivery_only() {
         let v = AMQPValue::LongLongInt(3);
-        let a = c.attempt(&ident(true, Some(&v), None));
-        assert_eq!((a.number, a.local), (4, false));
         let q = AttemptCounter::new(QueueType::Quorum, &RetryConfig::default());
+        let a = q.attempt(&ident(true, Some(&v), None));
+        assert_eq!((a.number, a.local), (4, false));
+        // A publisher-set count is ignored: first delivery (quorum), any classic delivery.
+        let spoofed = AMQPValue::LongLongInt(99);
+        let first = q.attempt(&ident(false, Some(&spoofed), Some("s")));
+        assert_eq!(first.number, 1, "first delivery on a quorum queue");
+        let c = AttemptCounter::new(QueueType::Classic, &RetryConfig::default());
+        assert_eq!(
+            c.attempt(&ident(false, Some(&spoofed), Some("s"))).number,
+            1
+        );
+        let re = c.attempt(&ident(true, Some(&spoofed), Some("s")));
+        assert_eq!((re.number, re.local), (1, true), "classic counts locally");
         let first = q.attempt(&ident(false, None, Some("m")));
         assert_eq!((first.number, first.local), (1, false));
         q.remember(&first, &ident(false, None, Some("m")));

@@ -103,7 +103,14 @@ enum SessionEnd {
     Shutdown(Vec<Channel>),
     /// Lost the connection or a consumer; reconnect.
     Lost(String),
+    /// Lost the connection to a frame the client could not parse; reconnect, and watch for
+    /// the same message doing it again.
+    Unparsable(String),
 }
+
+/// Connections lost in a row to an unparsable frame before the sidecar reports a poison
+/// message: one can be chance, two in a row with nothing in between is the same delivery.
+const UNPARSABLE_STREAK: u32 = 2;
 
 /// A configured sidecar with its admin server bound. [`Sidecar::run`] does the work.
 pub struct Sidecar {
@@ -138,7 +145,7 @@ impl Sidecar {
         health.set_connected(false);
         health.set_consumers(0);
         health.set_paused(false);
-        crate::metrics::init_pause_self_corrections();
+        crate::metrics::init_bug_counters();
         let admin = AdminServer::bind(config.admin.listen, handle, Arc::clone(&health))
             .await
             .map_err(|source| SidecarError::AdminBind {
@@ -395,6 +402,8 @@ impl Sidecar {
         };
         let mut sessions = 0u64;
         let mut attempt = 0u64;
+        // Sessions in a row that ended on an unparsable frame.
+        let mut unparsable = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(None);
@@ -439,9 +448,25 @@ impl Sidecar {
             sessions += 1;
             attempt = 0;
             let session_started = std::time::Instant::now();
-            match self.consume(&conn, shutdown).await {
+            let end = self.consume(&conn, shutdown).await;
+            match &end {
+                SessionEnd::Unparsable(reason) => {
+                    unparsable += 1;
+                    crate::metrics::unparsable_frame();
+                    if unparsable >= UNPARSABLE_STREAK {
+                        tracing::error!(
+                            times_in_a_row = unparsable,
+                            error = %reason,
+                            queue = %cfg.amqp.queue,
+                            "the same delivery keeps breaking the connection: a message the AMQP client cannot parse (a poison message) is redelivered after every reconnect; move it off the queue (e.g. a shovel, or a management-UI get with reject, requeue false)"
+                        );
+                    }
+                }
+                _ => unparsable = 0,
+            }
+            match end {
                 SessionEnd::Shutdown(channels) => return Ok(Some((conn, channels))),
-                SessionEnd::Lost(reason) => {
+                SessionEnd::Lost(reason) | SessionEnd::Unparsable(reason) => {
                     self.health.set_connected(false);
                     self.health.set_error(format!("reconnecting: {reason}"));
                     close_quietly(&conn, "reconnecting").await;
@@ -529,6 +554,9 @@ impl Sidecar {
                     return SessionEnd::Lost("consumer cancelled by the broker".into());
                 }
                 Why::Exit(ConsumerExit::Failed(reason)) => return SessionEnd::Lost(reason),
+                Why::Exit(ConsumerExit::Unparsable(reason)) => {
+                    return SessionEnd::Unparsable(reason);
+                }
                 Why::Exit(ConsumerExit::Stopped) => {
                     return SessionEnd::Lost("consumer stopped".into());
                 }

@@ -96,11 +96,15 @@ fn check_config_prints_effective_config_without_the_password() {
         .env("AMQP_SIDECAR_AMQP__QUEUE", "12345")
         .env(
             "AMQP_SIDECAR_BACKENDS",
-            "http://127.0.0.1:8080/a, http://127.0.0.1:8081/b",
+            "http://127.0.0.1:8080/a, http://worker:backend-pw-secret@127.0.0.1:8081/b",
         )
         .output()
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("backend-pw-secret"),
+        "backend password leaked: {stdout}"
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -115,7 +119,10 @@ fn check_config_prints_effective_config_without_the_password() {
         "a numeric env value is accepted for a string key"
     );
     assert_eq!(v["backends"].as_array().map(Vec::len), Some(2));
-    assert_eq!(v["backends"][1]["url"], "http://127.0.0.1:8081/b");
+    assert_eq!(
+        v["backends"][1]["url"],
+        "http://worker:***@127.0.0.1:8081/b"
+    );
     assert_eq!(v["backends"][1]["max_in_flight"], 1);
 }
 
@@ -227,4 +234,42 @@ async fn the_password_never_appears_in_logs() {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
     }
+}
+
+/// Issue 18: at `RUST_LOG=trace` the AMQP client logs whole frames, and Connection.StartOk's
+/// SASL response holds the password. The sidecar caps those targets, so a real connection
+/// at trace level never logs the password, as text or as bytes.
+#[tokio::test]
+async fn the_password_never_appears_in_logs_at_trace_level() {
+    let user = unique("trace-user");
+    let password = format!("Trace-Secret-{}", std::process::id());
+    rabbitmqctl(&["add_user", &user, &password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let worker = Worker::builder().spawn().await;
+    let mut cfg = config(&unique("secret-trace"), vec![backend(&worker, 1)]);
+    let mut url = url::Url::parse(&amqp_url()).expect("AMQP_URL");
+    url.set_username(&user).expect("user");
+    url.set_password(Some(&password)).expect("password");
+    cfg.amqp.url = url.to_string();
+    let mut sidecar = spawn_binary_with_env(&cfg, &[("RUST_LOG", "trace")]);
+    let ready =
+        tokio::time::timeout(std::time::Duration::from_secs(30), sidecar.wait_ready()).await;
+    sidecar.signal("TERM");
+    let _ = sidecar.wait(std::time::Duration::from_secs(15)).await;
+    rabbitmqctl(&["delete_user", &user]);
+    let _ = rabbitmqctl(&["-q", "delete_queue", &cfg.amqp.queue]);
+    assert!(ready.is_ok(), "the sidecar connected with the test user");
+    let log = sidecar.log();
+    assert!(
+        log.contains("lapin::"),
+        "the AMQP client's own lines are logged (so the test can fail):\n{}",
+        &log[..log.len().min(3000)]
+    );
+    let as_bytes = password
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(!log.contains(&password), "password in the trace log");
+    assert!(!log.contains(&as_bytes), "password bytes in the trace log");
 }

@@ -28,6 +28,10 @@ pub enum ConsumerExit {
     CancelledByBroker,
     /// Its channel or connection failed.
     Failed(String),
+    /// The connection failed because a frame from the broker could not be parsed: most
+    /// likely a message the client library cannot decode, which the broker redelivers after
+    /// the reconnect.
+    Unparsable(String),
 }
 
 /// A consumer channel and its delivery stream.
@@ -105,6 +109,9 @@ impl Consumer {
                     Some(Err(e)) => {
                         let reason = crate::amqp::describe(&e);
                         tracing::warn!(consumer = self.index, error = %reason, "consumer channel failed");
+                        if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
+                            return ConsumerExit::Unparsable(reason);
+                        }
                         return ConsumerExit::Failed(reason);
                     }
                     None => {

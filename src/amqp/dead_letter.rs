@@ -246,7 +246,19 @@ impl DeadLetterPublisher {
     }
 }
 
-/// The original properties with the `x-sidecar-*` headers added (existing headers kept).
+/// The original properties with the `x-sidecar-*` headers added (existing headers kept),
+/// less the properties that would lose or refuse the copy:
+/// - `expiration`: a per-message TTL would expire the copy in the dead-letter queue, as it
+///   would have expired the original. RabbitMQ's own dead-lettering removes it for this
+///   reason (<https://www.rabbitmq.com/docs/dlx#effects>); the original value goes into
+///   `x-sidecar-original-expiration`.
+/// - `user_id`: RabbitMQ refuses a publish whose `user_id` is not the publishing
+///   connection's user (<https://www.rabbitmq.com/docs/validated-user-id>), so a message
+///   published by another user could never be dead-lettered; the original value goes into
+///   `x-sidecar-original-user-id`.
+///
+/// `priority` is kept: a queue without `x-max-priority` ignores it, and a priority DLQ
+/// uses it.
 #[must_use]
 pub fn with_failure_headers(
     properties: &BasicProperties,
@@ -274,6 +286,101 @@ pub fn with_failure_headers(
         "x-sidecar-failed-at",
         s(&humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
     );
+    if let Some(ttl) = properties.expiration() {
+        put("x-sidecar-original-expiration", s(ttl.as_str()));
+    }
+    if let Some(user) = properties.user_id() {
+        put("x-sidecar-original-user-id", s(user.as_str()));
+    }
     let headers: FieldTable = headers;
-    properties.clone().with_headers(headers)
+    let mut copy = BasicProperties::default();
+    if let Some(v) = properties.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = properties.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = properties.delivery_mode() {
+        copy = copy.with_delivery_mode(*v);
+    }
+    if let Some(v) = properties.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = properties.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = properties.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = properties.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = properties.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = properties.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = properties.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = properties.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy.with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_keeps_everything_but_expiration_and_user_id() {
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("gzip".into())
+            .with_delivery_mode(2)
+            .with_priority(7)
+            .with_correlation_id("c-1".into())
+            .with_reply_to("replies".into())
+            .with_expiration("4000".into())
+            .with_message_id("m-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("order.created".into())
+            .with_user_id("publisher".into())
+            .with_app_id("shop".into())
+            .with_cluster_id("c".into());
+        let failure = Failure {
+            reason: Reason::Rejected,
+            attempts: 1,
+            last_status: 422,
+            last_error: "HTTP 422".into(),
+            backend: "b".into(),
+        };
+        let copy = with_failure_headers(&original, &failure, "orders");
+        assert_eq!(
+            copy.expiration(),
+            &None,
+            "the copy must not expire in the DLQ"
+        );
+        assert_eq!(copy.user_id(), &None, "the DLX publish must not be refused");
+        let h = copy.headers().clone().expect("headers");
+        let text = |k: &str| match h.inner().get(&ShortString::from(k)) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(text("x-sidecar-original-expiration"), "4000");
+        assert_eq!(text("x-sidecar-original-user-id"), "publisher");
+        assert_eq!(text("x-sidecar-reason"), "rejected");
+        // Everything else is the original's.
+        let restored = copy
+            .clone()
+            .with_expiration("4000".into())
+            .with_user_id("publisher".into())
+            .with_headers(original.headers().clone().unwrap_or_default());
+        assert_eq!(
+            format!("{restored:?}"),
+            format!("{:?}", original.with_headers(FieldTable::default()))
+        );
+    }
 }

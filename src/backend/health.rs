@@ -98,7 +98,7 @@ async fn check_loop(t: Target, pool: Arc<Pool>, client: reqwest::Client, stop: C
             healthy = false;
             let why = match result {
                 Ok(r) => format!("HTTP {}", r.status()),
-                Err(e) => e.to_string(),
+                Err(e) => e.without_url().to_string(),
             };
             tracing::warn!(backend = %t.label, failures, error = %why, "backend failed its health checks: unhealthy");
         } else if !healthy && successes >= t.check.healthy_threshold {

@@ -189,6 +189,8 @@ impl Client {
     ) -> Result<StatusCode, BackendError> {
         let timeout = backend.timeout;
         let map_err = |e: reqwest::Error| {
+            // The URL can hold credentials (`http://user:pass@...`); it is in the label anyway.
+            let e = e.without_url();
             if e.is_timeout() {
                 BackendError::Timeout(timeout)
             } else if e.is_connect() {

@@ -54,17 +54,22 @@ pub fn headers(env: &Envelope<'_>) -> (HeaderMap, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let p = env.properties;
 
-    let content_type = p
-        .content_type()
-        .as_ref()
-        .map_or("application/octet-stream", |s| s.as_str());
-    put_str(
-        &mut map,
-        &mut skipped,
-        CONTENT_TYPE,
-        "content-type",
-        content_type,
-    );
+    if let Some(ct) = p.content_type() {
+        put_str(
+            &mut map,
+            &mut skipped,
+            CONTENT_TYPE,
+            "content-type",
+            ct.as_str(),
+        );
+    }
+    // No content-type, or one that is not a legal header value: the documented default.
+    if !map.contains_key(CONTENT_TYPE) {
+        map.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
     if let Some(v) = p.content_encoding() {
         put_str(
             &mut map,
@@ -130,6 +135,11 @@ pub fn headers(env: &Envelope<'_>) -> (HeaderMap, Vec<Skipped>) {
     (map, skipped)
 }
 
+/// Why a value that was not UTF-8 on the wire is left out. The AMQP client decodes such a
+/// short string lossily (U+FFFD for each bad sequence; see vendor/README.md), so the value
+/// the worker would get is not the one that was published.
+const NOT_UTF8: &str = "value was not valid UTF-8 on the wire";
+
 fn put_str(
     map: &mut HeaderMap,
     skipped: &mut Vec<Skipped>,
@@ -137,6 +147,13 @@ fn put_str(
     prop: &str,
     value: &str,
 ) {
+    if value.contains(char::REPLACEMENT_CHARACTER) {
+        skipped.push(Skipped {
+            name: prop.to_owned(),
+            reason: NOT_UTF8,
+        });
+        return;
+    }
     match HeaderValue::from_str(value) {
         Ok(v) => {
             map.insert(name, v);
@@ -151,7 +168,21 @@ fn put_str(
 fn app_headers(table: &FieldTable, map: &mut HeaderMap, skipped: &mut Vec<Skipped>) {
     for (key, value) in table.inner() {
         let text = match scalar_text(value) {
+            Some(t) if t.contains(char::REPLACEMENT_CHARACTER) => {
+                skipped.push(Skipped {
+                    name: key.to_string(),
+                    reason: NOT_UTF8,
+                });
+                continue;
+            }
             Some(t) => t,
+            None if matches!(value, AMQPValue::LongString(_)) => {
+                skipped.push(Skipped {
+                    name: key.to_string(),
+                    reason: NOT_UTF8,
+                });
+                continue;
+            }
             None => {
                 skipped.push(Skipped {
                     name: key.to_string(),
@@ -293,6 +324,48 @@ mod tests {
         assert!(h.get("x-amqp-correlation-id").is_none());
         let names: Vec<_> = skipped.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["correlation-id", "bad name", "evil"]);
+    }
+
+    #[test]
+    fn lossy_and_illegal_values_are_left_out_and_content_type_defaults() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "raw".into(),
+            AMQPValue::LongString(LongString::from(b"\xff\xfe".to_vec())),
+        );
+        t.insert("x-\u{FFFD}".into(), AMQPValue::LongString("v".into()));
+        let p = props_with(t)
+            .with_message_id(ShortString::from("\u{FFFD}\u{FFFD}"))
+            .with_content_type(ShortString::from("text/plain\r\nX-Injected: 1"));
+        let (h, skipped) = headers(&Envelope {
+            exchange: "",
+            routing_key: "rk\u{FFFD}",
+            redelivered: false,
+            properties: &p,
+            attempt: 1,
+        });
+        assert_eq!(h["content-type"], "application/octet-stream");
+        assert!(h.get("x-amqp-message-id").is_none());
+        assert!(h.get("x-amqp-routing-key").is_none());
+        assert!(h.get("x-amqp-header-raw").is_none());
+        let mut names: Vec<_> = skipped
+            .iter()
+            .map(|s| (s.name.as_str(), s.reason))
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                (
+                    "content-type",
+                    "value has control characters (CR, LF, ...) or is not visible ASCII"
+                ),
+                ("message-id", NOT_UTF8),
+                ("raw", NOT_UTF8),
+                ("routing-key", NOT_UTF8),
+                ("x-\u{FFFD}", "name is not a valid HTTP header name"),
+            ]
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! sidecar. Every test uses its own queues and deletes them at the end.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -758,6 +760,11 @@ pub fn free_port() -> u16 {
 
 /// Starts the sidecar binary with `cfg` (written as a config file; JSON is valid YAML).
 pub fn spawn_binary(cfg: &Config) -> Process {
+    spawn_binary_with_env(cfg, &[])
+}
+
+/// [`spawn_binary`] with extra environment variables (e.g. `RUST_LOG`).
+pub fn spawn_binary_with_env(cfg: &Config, env: &[(&str, &str)]) -> Process {
     let mut cfg = cfg.clone();
     cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dir = std::env::temp_dir().join(unique("sidecar-bin"));
@@ -779,6 +786,7 @@ pub fn spawn_binary(cfg: &Config) -> Process {
         .arg("--config")
         .arg(&file)
         .env("RUST_LOG", "amqp_sidecar=info")
+        .envs(env.iter().copied())
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
