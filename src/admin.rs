@@ -1,8 +1,14 @@
 //! The admin HTTP server: `GET /metrics`, `GET /healthz`, `GET /readyz`.
 //!
-//! Served with axum (on hyper), bound before the sidecar connects, so Kubernetes probes get
-//! answers while the broker is still unreachable: /healthz 200 (the process runs), /readyz
-//! 503 with a JSON body saying why.
+//! Served with axum's router on hyper's HTTP/1 connection builder, bound before the sidecar
+//! connects, so Kubernetes probes get answers while the broker is still unreachable:
+//! /healthz 200 (the process runs), /readyz 503 with a JSON body saying why.
+//!
+//! The admin port may be reachable from the whole pod network, so it must not be able to
+//! starve the sidecar of file descriptors: at most [`MAX_CONNECTIONS`] connections are open
+//! at once (further ones wait in the kernel's accept queue), and a connection that has not
+//! sent a request's headers within [`HEADER_READ_TIMEOUT`] (a slow drip, or an idle
+//! keep-alive) is closed. `axum::serve` has neither knob, hence the accept loop here.
 
 use std::{
     net::SocketAddr,
@@ -19,10 +25,22 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Most admin connections open at once. Prometheus and the kubelet need a handful; 64 leaves
+/// room for several scrapers and probes, and bounds the descriptors an attacker can hold.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Longest time a connection may take to send a request's headers, idle keep-alive time
+/// included (5 s; a kubelet probe's default timeout is 1 s).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The sidecar's readiness inputs, shared between the supervisor and the admin server.
 #[derive(Debug, Default)]
@@ -186,13 +204,51 @@ impl AdminServer {
         self.listener.local_addr()
     }
 
-    /// Serves until `stop` is cancelled.
+    /// Serves until `stop` is cancelled, then lets open requests finish (up to 1 s).
     pub async fn run(self, stop: CancellationToken) {
-        let serve =
-            axum::serve(self.listener, self.router).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin server failed");
+        let limit = std::sync::Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let connections = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                p = std::sync::Arc::clone(&limit).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let stream = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // EMFILE and friends: wait instead of spinning on the error.
+                        tracing::warn!(error = %e, "admin server cannot accept a connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let service = TowerToHyperService::new(self.router.clone());
+            let stop = stop.clone();
+            connections.spawn(async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+                    }
+                }
+                drop(permit);
+            });
         }
+        connections.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
     }
 }
 

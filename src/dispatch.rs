@@ -36,6 +36,10 @@ use crate::{
     retry::{Attempt, AttemptCounter, Backoff, DELIVERY_COUNT_HEADER, DeliveryIdentity},
 };
 
+/// How long a delivery waits after a local resource error before it goes back to the
+/// waiting room: long enough for descriptors to be freed, short enough not to matter.
+const LOCAL_ERROR_WAIT: Duration = Duration::from_millis(200);
+
 /// What happened on this attempt, before deciding how to settle.
 #[derive(Debug)]
 pub enum Attempted {
@@ -209,35 +213,50 @@ impl Dispatcher {
     }
 
     /// Sends the delivery to a backend, unless shutdown intervenes.
+    ///
+    /// A local resource error (the sidecar out of descriptors or local ports) is not an
+    /// attempt: the delivery waits [`LOCAL_ERROR_WAIT`] and goes back to the waiting room
+    /// with the same attempt number, and the backend is not blamed.
     async fn attempt(&self, env: &request::Envelope<'_>, body: Bytes) -> Attempted {
-        let mut usable = self.pool.usable();
-        let lease = tokio::select! {
-            biased;
-            () = self.draining.cancelled() => return Attempted::Abandoned,
-            // No usable backend: consumption pauses; hand the delivery back unattempted.
-            Ok(_) = usable.wait_for(|n| *n == 0) => return Attempted::Abandoned,
-            lease = self.pool.acquire() => lease,
-        };
-        let index = lease.index();
-        let backend = &self.backends[index];
         let (headers, skipped) = request::headers(env);
         for s in &skipped {
             tracing::warn!(header = %s.name, reason = s.reason, "AMQP header left out of the HTTP request");
         }
-        let result = tokio::select! {
-            biased;
-            () = self.abort.cancelled() => return Attempted::Abandoned,
-            r = self.client.post(backend, headers, body) => r.map(|_| ()),
-        };
-        drop(lease);
-        let health = match &result {
-            Err(e) if e.is_retryable() => Health::Failed,
-            _ => Health::Answered,
-        };
-        self.pool.report(index, health);
-        Attempted::Response {
-            backend: index,
-            result,
+        let mut usable = self.pool.usable();
+        loop {
+            let lease = tokio::select! {
+                biased;
+                () = self.draining.cancelled() => return Attempted::Abandoned,
+                // No usable backend: consumption pauses; hand the delivery back unattempted.
+                Ok(_) = usable.wait_for(|n| *n == 0) => return Attempted::Abandoned,
+                lease = self.pool.acquire() => lease,
+            };
+            let index = lease.index();
+            let backend = &self.backends[index];
+            let result = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return Attempted::Abandoned,
+                r = self.client.post(backend, headers.clone(), body.clone()) => r.map(|_| ()),
+            };
+            drop(lease);
+            if let Err(e) = &result
+                && e.is_local()
+            {
+                tracing::warn!(backend = %backend.label, error = %e, "the sidecar is out of a local resource; not counted as an attempt, retrying");
+                tokio::select! {
+                    () = self.draining.cancelled() => return Attempted::Abandoned,
+                    () = tokio::time::sleep(LOCAL_ERROR_WAIT) => continue,
+                }
+            }
+            let health = match &result {
+                Err(e) if e.is_retryable() => Health::Failed,
+                _ => Health::Answered,
+            };
+            self.pool.report(index, health);
+            return Attempted::Response {
+                backend: index,
+                result,
+            };
         }
     }
 

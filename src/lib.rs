@@ -16,6 +16,7 @@
 //! - [`balance`]: the backend pool (in-flight counts behind a [`balance::Lease`] guard,
 //!   passive ejection, health flags) and the [`balance::Balance`] trait with its five
 //!   strategies.
+//!   [`balance::EjectionClock`] ends ejections on time.
 //! - [`backend`]: the HTTP client, the request/header mapping, outcome classification, and
 //!   active health checks.
 //! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and backoff.
@@ -23,6 +24,12 @@
 //! - [`metrics`]: metric names, units and help text, in one place.
 //! - [`shutdown`]: signal handling (graceful first signal, forced second).
 //! - [`demo`]: the newcomer's demo: in-process workers, a published batch, a summary.
+//!
+//! Where to find pausing: the pool publishes how many backends are usable
+//! ([`balance::Pool::usable`], changed only through its one update path); the supervisor
+//! ([`sidecar`]) cancels the consumers when it reaches 0, probes by TCP, and resumes, with a
+//! guard that re-reads the pool; [`dispatch`] hands back deliveries waiting for a backend;
+//! [`backend::health`] flips health flags; [`admin`] shows it on /readyz.
 
 #![warn(missing_docs)]
 

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
         Err(e) => return config_error(&e),
     };
     init_tracing(cfg.log.format, &cfg.log.level);
+    raise_open_files_limit();
     run_async(async move {
         let shutdown = CancellationToken::new();
         if let Err(e) = amqp_sidecar::shutdown::install(shutdown.clone()) {
@@ -106,6 +107,15 @@ fn run_async<F: Future<Output = ExitCode>>(f: F) -> ExitCode {
             eprintln!("amqp-sidecar: cannot start the tokio runtime: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as servers commonly do: the default
+/// soft limit (1,024) is low for a process that holds broker, backend and admin connections.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-files soft limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files soft limit"),
     }
 }
 

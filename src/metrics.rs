@@ -55,12 +55,13 @@ pub const CONSUMERS: &str = "amqp_sidecar_consumers";
 pub const CONNECTION_RECOVERIES: &str = "amqp_sidecar_connection_recoveries_total";
 
 /// Outcome label values of [`BACKEND_REQUESTS`].
-pub const OUTCOMES: [&str; 5] = [
+pub const OUTCOMES: [&str; 6] = [
     "success",
     "retryable",
     "rejected",
     "timeout",
     "connect_error",
+    "local_error",
 ];
 
 /// Histogram buckets for backend request durations, in seconds: 1 ms to 60 s.
@@ -148,7 +149,7 @@ fn describe() {
     describe_counter!(
         BACKEND_REQUESTS,
         Unit::Count,
-        "Backend requests by outcome (success, retryable, rejected, timeout, connect_error)."
+        "Backend requests by outcome (success, retryable, rejected, timeout, connect_error, local_error)."
     );
     describe_histogram!(
         BACKEND_DURATION,
@@ -245,7 +246,7 @@ impl QueueMetrics {
 /// Pre-resolved per-backend handles.
 #[derive(Clone)]
 pub struct BackendMetrics {
-    requests: [Counter; 5],
+    requests: [Counter; 6],
     /// [`BACKEND_DURATION`].
     pub duration: Histogram,
     /// [`BACKEND_IN_FLIGHT`].

@@ -173,3 +173,71 @@ async fn readyz_is_503_with_reasons_while_the_broker_is_unreachable() {
     assert!(!sidecar.is_finished(), "keeps retrying, does not exit");
     sidecar.stop().await.expect("clean stop while disconnected");
 }
+
+/// Issue 18: the admin port must not let a client hold descriptors forever. 150 slow-drip
+/// connections (a request line, then nothing) leave the sidecar with at most
+/// `MAX_CONNECTIONS` admin sockets open, and each is closed after the header-read timeout.
+/// Before the fix every one stayed open, with no limit.
+#[tokio::test]
+async fn slow_drip_admin_connections_are_bounded_and_timed_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let worker = Worker::builder().spawn().await;
+    let cfg = config(&unique("admin-drip"), vec![backend(&worker, 1)]);
+    let mut sidecar = spawn_binary(&cfg);
+    sidecar.wait_ready().await;
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let baseline = fds(sidecar.pid());
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        let mut s = tokio::net::TcpStream::connect(sidecar.admin)
+            .await
+            .expect("connect (the kernel's accept queue takes it)");
+        s.write_all(b"GET /readyz HTTP/1.1\r\n")
+            .await
+            .expect("request line");
+        held.push(s);
+    }
+    // Give the sidecar time to accept what it will.
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        peak = peak.max(fds(sidecar.pid()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let max = amqp_sidecar::admin::MAX_CONNECTIONS;
+    println!("[admin] descriptors: baseline {baseline}, peak {peak} with 150 slow clients");
+    assert!(
+        peak <= baseline + max + 4,
+        "descriptors grew from {baseline} to {peak} (limit {max} admin connections)"
+    );
+    // The first connection is closed by the server once the header-read timeout passes.
+    let mut first = held.remove(0);
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(
+        amqp_sidecar::admin::HEADER_READ_TIMEOUT + Duration::from_secs(5),
+        async {
+            loop {
+                match first.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408 response, then the close
+                }
+            }
+        },
+    )
+    .await;
+    assert!(closed.is_ok(), "a slow-drip connection was never closed");
+    drop(held);
+    // Probes work again once the drip is gone.
+    wait_until("readyz answers", Duration::from_secs(15), || async {
+        sidecar.readyz().await == Some(200)
+    })
+    .await;
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait(Duration::from_secs(15)).await.code(), Some(0));
+    let conn = broker().await;
+    cleanup(&conn, &cfg).await;
+}

@@ -186,3 +186,59 @@ async fn a_publisher_set_delivery_count_is_not_trusted() {
         cleanup(&conn, &cfg).await;
     }
 }
+
+/// A worker that answers 422 but cuts its body short: the status line and headers are the
+/// answer, so the message is dead-lettered as `rejected` with `last_status` 422 on its first
+/// attempt. Before the fix it was a retryable transport error with `last_status` 0.
+#[tokio::test]
+async fn a_status_with_a_body_cut_short_is_classified_by_its_status() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 422 Unprocessable Content\r\ncontent-length: 100\r\n\r\nbad field",
+                    )
+                    .await;
+                // Close with 91 bytes of the body still owed.
+            });
+        }
+    });
+    let conn = broker().await;
+    let mut cfg = config(
+        &unique("cut-422"),
+        vec![amqp_sidecar::config::BackendConfig::new(format!(
+            "http://{addr}/"
+        ))],
+    );
+    cfg.amqp.queue_type = amqp_sidecar::config::QueueType::Classic;
+    declare(&conn, &cfg).await;
+    publish_n(&conn, &cfg.amqp.queue, 1).await;
+    let sidecar = start(cfg.clone()).await;
+    let dlq = cfg.dead_letter.queue_for(&cfg.amqp.queue);
+    wait_until("dead-lettered", Duration::from_secs(15), || async {
+        ready(&conn, &dlq).await == 1
+    })
+    .await;
+    sidecar.stop().await.expect("clean stop");
+    server.abort();
+    let dead = take_all(&conn, &dlq).await;
+    let h = dead[0]
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("headers");
+    assert_dead_letter_headers(&h, "rejected", 1, 422);
+    cleanup(&conn, &cfg).await;
+}

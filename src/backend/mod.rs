@@ -73,6 +73,28 @@ pub enum BackendError {
     /// The connection failed mid-request (reset, closed early, bad response).
     #[error("transport error: {0}")]
     Transport(String),
+    /// The sidecar could not make the request for a reason of its own: out of file
+    /// descriptors (EMFILE, ENFILE) or local addresses (EADDRNOTAVAIL). It is neither the
+    /// worker's fault nor the message's: not an attempt, not a backend failure.
+    #[error("local resource error (not an attempt): {0}")]
+    Local(String),
+}
+
+/// True when `e` or one of its sources is an I/O error that says this process ran out of
+/// something: descriptors (EMFILE, ENFILE) or local addresses (EADDRNOTAVAIL).
+#[must_use]
+pub fn is_local_resource_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && (matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                || io.kind() == std::io::ErrorKind::AddrNotAvailable)
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn snippet_suffix(body: &str) -> String {
@@ -94,8 +116,15 @@ impl BackendError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Timeout(_) | Self::Connect(_) | Self::Transport(_) => true,
+            Self::Timeout(_) | Self::Connect(_) | Self::Transport(_) | Self::Local(_) => true,
         }
+    }
+
+    /// True when the request was never made for a reason of the sidecar's own
+    /// ([`BackendError::Local`]): the delivery goes back to the waiting room, unattempted.
+    #[must_use]
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Local(_))
     }
 
     /// The HTTP status, or 0 when there was no response.
@@ -122,6 +151,7 @@ impl BackendError {
         match self {
             Self::Timeout(_) => "timeout",
             Self::Connect(_) => "connect_error",
+            Self::Local(_) => "local_error",
             e if e.is_retryable() => "retryable",
             _ => "rejected",
         }
@@ -191,7 +221,9 @@ impl Client {
         let map_err = |e: reqwest::Error| {
             // The URL can hold credentials (`http://user:pass@...`); it is in the label anyway.
             let e = e.without_url();
-            if e.is_timeout() {
+            if is_local_resource_error(&e) {
+                BackendError::Local(error_chain(&e))
+            } else if e.is_timeout() {
                 BackendError::Timeout(timeout)
             } else if e.is_connect() {
                 BackendError::Connect(error_chain(&e))
@@ -235,12 +267,15 @@ impl Client {
                     read += chunk.len();
                 }
                 Ok(None) => break,
-                // The status is what counts; a body cut short still tells us the outcome.
-                Err(e) if status.is_success() => {
-                    tracing::debug!(backend = %backend.label, error = %error_chain(&e), "response body cut short after 2xx");
+                // Once the status line and headers are in, the status is the answer: a body
+                // cut short or stalled (the request timeout) does not change the outcome.
+                Err(e) => {
+                    tracing::debug!(backend = %backend.label, %status, error = %error_chain(&e.without_url()), "response body cut short");
+                    if !status.is_success() {
+                        snippet.extend_from_slice(b" (body cut short)");
+                    }
                     break;
                 }
-                Err(e) => return Err(map_err(e)),
             }
         }
         if status.is_success() {
@@ -307,5 +342,25 @@ mod tests {
             "retryable"
         );
         assert_eq!(BackendError::Timeout(Duration::ZERO).status_code(), 0);
+        assert!(BackendError::Local("EMFILE".into()).is_local());
+        assert_eq!(
+            BackendError::Local("EMFILE".into()).outcome_label(),
+            "local_error"
+        );
+    }
+
+    #[test]
+    fn local_resource_errors_are_found_in_the_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error")]
+        struct Wrapper(#[source] std::io::Error);
+        for code in [libc::EMFILE, libc::ENFILE, libc::EADDRNOTAVAIL] {
+            let e = Wrapper(std::io::Error::from_raw_os_error(code));
+            assert!(is_local_resource_error(&e), "errno {code}");
+        }
+        for code in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT] {
+            let e = Wrapper(std::io::Error::from_raw_os_error(code));
+            assert!(!is_local_resource_error(&e), "errno {code}");
+        }
     }
 }
