@@ -68,14 +68,7 @@ async fn a_message_with_non_utf8_short_strings_is_forwarded_and_does_not_stall_t
             ready(&conn, &cfg.amqp.queue).await == 0
         })
         .await;
-        let metrics = http()
-            .get(format!("http://{}/metrics", sidecar.admin))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("body");
+        let metrics = get_text(&format!("http://{}/metrics", sidecar.admin)).await;
         assert_eq!(
             metric_value(&metrics, "amqp_sidecar_connection_recoveries_total", &[]),
             0.0,
@@ -233,12 +226,6 @@ async fn a_status_with_a_body_cut_short_is_classified_by_its_status() {
     sidecar.stop().await.expect("clean stop");
     server.abort();
     let dead = take_all(&conn, &dlq).await;
-    let h = dead[0]
-        .delivery
-        .properties
-        .headers()
-        .clone()
-        .expect("headers");
-    assert_dead_letter_headers(&h, "rejected", 1, 422);
+    assert_dead_letter_headers(&dead_letter_headers(&dead[0]), "rejected", 1, 422);
     cleanup(&conn, &cfg).await;
 }

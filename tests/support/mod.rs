@@ -605,6 +605,27 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// GETs `url` and returns the body (e.g. a sidecar binary's /metrics).
+pub async fn get_text(url: &str) -> String {
+    http()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .expect("body")
+}
+
+/// The headers of a dead-lettered message.
+pub fn dead_letter_headers(m: &BasicGetMessage) -> FieldTable {
+    m.delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("a dead-lettered message has headers")
+}
+
 /// An HTTP client that never uses a proxy.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
