@@ -230,6 +230,10 @@ async fn the_password_never_appears_in_logs() {
         log.contains("guest:***@127.0.0.1"),
         "the URL is logged, redacted:\n{log}"
     );
+    assert!(
+        !log.contains("lapin::"),
+        "the cap on the AMQP client's log level never raises it:\n{log}"
+    );
     for line in log.lines() {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
