@@ -16,6 +16,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{
@@ -40,7 +41,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 
 /// Longest time a connection may take to send a request's headers, idle keep-alive time
 /// included (5 s; a kubelet probe's default timeout is 1 s).
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The sidecar's readiness inputs, shared between the supervisor and the admin server.
 #[derive(Debug, Default)]
@@ -206,12 +207,12 @@ impl AdminServer {
 
     /// Serves until `stop` is cancelled, then lets open requests finish (up to 1 s).
     pub async fn run(self, stop: CancellationToken) {
-        let limit = std::sync::Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let connections = TaskTracker::new();
         loop {
             let permit = tokio::select! {
                 () = stop.cancelled() => break,
-                p = std::sync::Arc::clone(&limit).acquire_owned() => match p {
+                p = Arc::clone(&limit).acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break,
                 },
@@ -223,7 +224,7 @@ impl AdminServer {
                     Err(e) => {
                         // EMFILE and friends: wait instead of spinning on the error.
                         tracing::warn!(error = %e, "admin server cannot accept a connection");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -241,14 +242,14 @@ impl AdminServer {
                     _ = conn.as_mut() => {}
                     () = stop.cancelled() => {
                         conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                     }
                 }
                 drop(permit);
             });
         }
         connections.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
     }
 }
 

@@ -222,6 +222,9 @@ impl Dispatcher {
         for s in &skipped {
             tracing::warn!(header = %s.name, reason = s.reason, "AMQP header left out of the HTTP request");
         }
+        // Moved into the first request; rebuilt only after a local resource error (rare), so
+        // the per-delivery path does not clone the header map.
+        let mut headers = Some(headers);
         let mut usable = self.pool.usable();
         loop {
             let lease = tokio::select! {
@@ -236,7 +239,11 @@ impl Dispatcher {
             let result = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => return Attempted::Abandoned,
-                r = self.client.post(backend, headers.clone(), body.clone()) => r.map(|_| ()),
+                r = self.client.post(
+                    backend,
+                    headers.take().unwrap_or_else(|| request::headers(env).0),
+                    body.clone(),
+                ) => r.map(|_| ()),
             };
             drop(lease);
             if let Err(e) = &result

@@ -409,10 +409,12 @@ async fn down_then_up(run: usize, outage: Duration) -> Duration {
     let mut cfg = config(&queue, backends);
     cfg.amqp.queue_type = QueueType::Classic;
     cfg.retry.max_attempts = 3;
-    cfg.ejection.consecutive_failures = 2;
-    cfg.ejection.base_ms = 1_000;
-    cfg.ejection.max_ms = 2_000;
-    cfg.ejection.max_percent = 100;
+    cfg.ejection = amqp_sidecar::config::EjectionConfig {
+        consecutive_failures: 2,
+        base_ms: 1_000,
+        max_ms: 2_000,
+        max_percent: 100,
+    };
     declare(&conn, &cfg).await;
     publish_n(&conn, &queue, N).await;
     let sidecar = start_unready(cfg.clone()).await;

@@ -224,8 +224,10 @@ impl Pool {
     /// Waiters are woken when backends became usable.
     fn update<R>(&self, now: Instant, change: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.lock();
+        // Before: `change` (a balancer pick) sees ejections that are over as over.
         state.expire(now);
         let result = change(&mut state);
+        // After: `Load::usable` follows what `change` did (an ejection, a health flip).
         state.expire(now);
         let count = state.usable_count_at(now);
         let mut grew = false;
