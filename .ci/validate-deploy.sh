@@ -409,6 +409,7 @@ contract = {
     "amqp_sidecar_deliveries_total", "amqp_sidecar_acks_total", "amqp_sidecar_requeues_total",
     "amqp_sidecar_dead_letters_total", "amqp_sidecar_backend_requests_total",
     "amqp_sidecar_connection_recoveries_total", "amqp_sidecar_dead_letter_failures_total",
+    "amqp_sidecar_dead_letter_blocked", "amqp_sidecar_dead_letter_unconfirmed",
     "amqp_sidecar_backend_ejections_total", "amqp_sidecar_backend_in_flight", "amqp_sidecar_connected",
     "amqp_sidecar_consumers", "amqp_sidecar_paused", "amqp_sidecar_backend_healthy",
     "amqp_sidecar_pause_self_corrections_total",
@@ -454,7 +455,8 @@ import re, sys
 contract = {"amqp_sidecar_deliveries_total", "amqp_sidecar_requeues_total", "amqp_sidecar_dead_letters_total",
             "amqp_sidecar_backend_healthy", "amqp_sidecar_backend_ejections_total", "amqp_sidecar_connected",
             "amqp_sidecar_paused", "amqp_sidecar_backend_requests_total", "amqp_sidecar_connection_recoveries_total",
-            "amqp_sidecar_backend_request_duration_seconds", "amqp_sidecar_pause_self_corrections_total"}
+            "amqp_sidecar_backend_request_duration_seconds", "amqp_sidecar_pause_self_corrections_total",
+            "amqp_sidecar_dead_letter_blocked"}
 text = open("deploy/prometheus/alerts.yml").read()
 bad = sorted(set(re.findall(r"amqp_sidecar_\w+", text)) - contract)
 print(f"unknown metrics: {bad}" if bad else "alerts.yml uses only contract metrics")

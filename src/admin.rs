@@ -53,6 +53,7 @@ pub struct Health {
     draining: AtomicBool,
     paused: AtomicBool,
     last_error: Mutex<Option<String>>,
+    dead_letter_blocked: Mutex<Option<String>>,
 }
 
 /// The /readyz answer.
@@ -74,6 +75,10 @@ pub struct Readiness {
     pub paused: bool,
     /// Why not ready (empty when ready).
     pub reasons: Vec<String>,
+    /// Problems that do not make the sidecar unready, because good messages still flow:
+    /// the broker blocking the dead-letter connection (a resource alarm). A broker-wide
+    /// alarm must not turn every pod unready and stall rollouts.
+    pub warnings: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,6 +123,12 @@ impl Health {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Records whether the broker blocks the dead-letter connection, and why (shown on
+    /// /readyz as a warning).
+    pub fn set_dead_letter_blocked(&self, reason: Option<String>) {
+        *lock(&self.dead_letter_blocked) = reason;
+    }
+
     /// Records the latest problem, shown on /readyz until the connection is back.
     pub fn set_error(&self, e: impl Into<String>) {
         *lock(&self.last_error) = Some(e.into());
@@ -153,8 +164,16 @@ impl Health {
         if usable_backends == 0 {
             reasons.push("no usable backend".to_owned());
         }
+        let warnings = lock(&self.dead_letter_blocked)
+            .as_ref()
+            .map(|reason| {
+                format!("the broker blocks the dead-letter connection ({reason}); dead-letters wait and their originals are requeued")
+            })
+            .into_iter()
+            .collect();
         Readiness {
             ready: reasons.is_empty(),
+            warnings,
             connected,
             consumers,
             expected_consumers,

@@ -644,6 +644,102 @@ fn format_key(path: &[String]) -> String {
     }
 }
 
+/// Most type errors reported from one configuration; a guard against a loop, far above
+/// what a real file has.
+const MAX_TYPE_ERRORS: usize = 64;
+
+/// The source of `path`'s value: figment finds no metadata for list elements
+/// (`backends.1.url`), so the nearest parent that has some is used.
+fn source_of(fig: &Figment, path: &[String]) -> String {
+    let md = (1..=path.len())
+        .rev()
+        .find_map(|n| fig.find_metadata(&path[..n].join(".")));
+    describe_source(md, path)
+}
+
+/// Extracts the configuration, reporting every wrong type and unknown key, not only the
+/// first. serde stops at the first error, so after each one the offending key is removed
+/// from the merged values (it falls back to its default) and extraction runs again; each
+/// error's source comes from the original figment's metadata.
+fn extract_all(fig: &Figment) -> Result<Config, ConfigError> {
+    let first = match fig.extract::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    let issue = |e: &figment::error::Error, path: &[String]| {
+        let message = match &e.kind {
+            figment::error::Kind::Message(m)
+                if m.contains("No such file") || m.contains("os error") =>
+            {
+                format!("cannot read config file: {m}")
+            }
+            kind => kind.to_string(),
+        };
+        ConfigIssue {
+            key: format_key(path),
+            source: source_of(fig, path),
+            message,
+        }
+    };
+    let mut issues = Vec::new();
+    // A file that cannot be read or parsed gives no values to go on with.
+    let Ok(mut values) = fig.extract::<Value>() else {
+        issues.extend(first.into_iter().map(|e| issue(&e, &e.path)));
+        return Err(ConfigError { issues });
+    };
+    let mut errors = first;
+    for _ in 0..MAX_TYPE_ERRORS {
+        let mut removed = false;
+        for e in errors {
+            // figment's path names the key itself, unknown keys included.
+            issues.push(issue(&e, &e.path));
+            removed |= remove_path(&mut values, &e.path);
+        }
+        if !removed {
+            break;
+        }
+        match values.deserialize::<Config>() {
+            Ok(_) => break,
+            Err(e) => errors = e,
+        }
+    }
+    Err(ConfigError { issues })
+}
+
+/// Removes the value at `path` (dict keys and list indices); true if there was one.
+fn remove_path(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for part in parents {
+        at = match at {
+            Value::Dict(_, dict) => match dict.get_mut(part) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(_, list) => match part.parse::<usize>().ok().and_then(|i| list.get_mut(i))
+            {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match at {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        Value::Array(_, list) => match last.parse::<usize>() {
+            // Replaced, not removed, so the later indices keep their meaning.
+            Ok(i) if i < list.len() => {
+                list[i] = Value::from(Dict::new());
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 impl Config {
     /// Loads the configuration from its sources and validates it.
     ///
@@ -692,35 +788,10 @@ impl Config {
             });
         }
         let fig = figment(file.as_deref(), env);
-        let config: Config = fig.extract().map_err(|err| ConfigError {
-            issues: err
-                .into_iter()
-                .map(|e| {
-                    let source = describe_source(e.metadata.as_ref(), &e.path);
-                    let message = match &e.kind {
-                        figment::error::Kind::Message(m)
-                            if m.contains("No such file") || m.contains("os error") =>
-                        {
-                            format!("cannot read config file: {m}")
-                        }
-                        kind => kind.to_string(),
-                    };
-                    ConfigIssue {
-                        key: format_key(&e.path),
-                        source,
-                        message,
-                    }
-                })
-                .collect(),
-        })?;
+        let config = extract_all(&fig)?;
         config.validate_with(&|key: &str| {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            // figment finds no metadata for list elements (`backends.1.url`): fall back to the
-            // nearest parent that has some.
-            let md = (1..=path.len())
-                .rev()
-                .find_map(|n| fig.find_metadata(&path[..n].join(".")));
-            describe_source(md, &path)
+            source_of(&fig, &path)
         })
     }
 

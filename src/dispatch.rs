@@ -28,7 +28,7 @@ use lapin::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::dead_letter::{DeadLetterPublisher, Failure, Reason},
+    amqp::dead_letter::{DeadLetterPublisher, Failure, Reason, Stored},
     backend::{Backend, BackendError, Client, request},
     balance::{Health, Pool},
     config::Config,
@@ -355,18 +355,25 @@ impl Dispatcher {
                 }
             }
             Verdict::DeadLetter(failure) => {
-                match self
+                let stored = self
                     .dead_letter
-                    .publish(&held.body, &held.properties, &failure)
-                    .await
-                {
-                    Ok(()) => {
+                    .publish(
+                        held.identity().content_key(),
+                        held.body.clone(),
+                        &held.properties,
+                        &failure,
+                        &self.abort,
+                    )
+                    .await;
+                match stored {
+                    Ok(stored) => {
                         tracing::warn!(
                             reason = failure.reason.as_str(),
                             attempts = failure.attempts,
                             last_status = failure.last_status,
                             last_error = %failure.last_error,
                             exchange = self.dead_letter.exchange(),
+                            earlier_copy = stored == Stored::Earlier,
                             "message dead-lettered"
                         );
                         self.metrics

@@ -136,7 +136,11 @@ fn init_tracing(format: LogFormat, level: &str) {
         |t, target| t.with_target(*target, LevelFilter::DEBUG),
     );
     let registry = tracing_subscriber::registry().with(filter).with(caps);
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a pod's stderr goes to a log file, where escape codes
+    // break grep and log pipelines.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => registry.with(layer.json()).init(),
         LogFormat::Text => registry.with(layer).init(),

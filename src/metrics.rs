@@ -26,6 +26,13 @@ pub const RELEASES: &str = "amqp_sidecar_releases_total";
 pub const DEAD_LETTERS: &str = "amqp_sidecar_dead_letters_total";
 /// Counter: dead-letter publishes that failed (the original was requeued), by `queue`.
 pub const DEAD_LETTER_FAILURES: &str = "amqp_sidecar_dead_letter_failures_total";
+/// Gauge: 1 while the broker blocks the dead-letter connection (a resource alarm,
+/// <https://www.rabbitmq.com/docs/connection-blocked>); dead-letters wait, then requeue.
+pub const DEAD_LETTER_BLOCKED: &str = "amqp_sidecar_dead_letter_blocked";
+/// Gauge: dead-letter copies sent whose confirm came after its caller gave up, still
+/// unconfirmed. The originals were requeued; each is acked without a second copy once its
+/// copy is confirmed.
+pub const DEAD_LETTER_UNCONFIRMED: &str = "amqp_sidecar_dead_letter_unconfirmed";
 /// Counter: settlements (ack/nack/reject) that could not be sent because the delivery's
 /// channel had closed; the broker redelivers those messages. By `queue`.
 pub const SETTLE_FAILURES: &str = "amqp_sidecar_settle_failures_total";
@@ -140,6 +147,16 @@ fn describe() {
         DEAD_LETTER_FAILURES,
         Unit::Count,
         "Dead-letter publishes that failed; the original was requeued."
+    );
+    describe_gauge!(
+        DEAD_LETTER_BLOCKED,
+        Unit::Count,
+        "1 while the broker blocks the dead-letter connection (resource alarm), else 0."
+    );
+    describe_gauge!(
+        DEAD_LETTER_UNCONFIRMED,
+        Unit::Count,
+        "Dead-letter copies sent but not yet confirmed after their wait timed out (originals requeued)."
     );
     describe_counter!(
         SETTLE_FAILURES,
@@ -289,6 +306,16 @@ pub fn set_consumers(n: usize) {
     gauge!(CONSUMERS).set(n as f64);
 }
 
+/// Sets [`DEAD_LETTER_BLOCKED`].
+pub fn set_dead_letter_blocked(blocked: bool) {
+    gauge!(DEAD_LETTER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// Moves [`DEAD_LETTER_UNCONFIRMED`] by `delta`.
+pub fn dead_letter_unconfirmed(delta: f64) {
+    gauge!(DEAD_LETTER_UNCONFIRMED).increment(delta);
+}
+
 /// Sets [`PAUSED`].
 pub fn set_paused(paused: bool) {
     gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
@@ -297,6 +324,7 @@ pub fn set_paused(paused: bool) {
 /// Publishes [`PAUSE_SELF_CORRECTIONS`] and [`UNPARSABLE_FRAMES`] at 0, so alerts see the series from the start.
 pub fn init_bug_counters() {
     counter!(PAUSE_SELF_CORRECTIONS).increment(0);
+    gauge!(DEAD_LETTER_UNCONFIRMED).increment(0.0);
     counter!(UNPARSABLE_FRAMES).increment(0);
 }
 

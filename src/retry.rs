@@ -120,6 +120,23 @@ pub struct DeliveryIdentity<'a> {
     pub routing_key: &'a str,
 }
 
+impl DeliveryIdentity<'_> {
+    /// A hash of the message's content: body, message-id, correlation-id, timestamp and
+    /// routing key. Unlike the attempt counter's key, it always covers the body, so two
+    /// messages that reuse a message-id differ. The dead-letter publisher uses it to find
+    /// an earlier copy of the same message.
+    #[must_use]
+    pub fn content_key(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.body.hash(&mut h);
+        self.message_id.hash(&mut h);
+        self.correlation_id.hash(&mut h);
+        self.timestamp.hash(&mut h);
+        self.routing_key.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// The attempt number of one delivery, and how the sidecar tracks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempt {

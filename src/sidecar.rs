@@ -303,6 +303,21 @@ impl Sidecar {
                 }
             })
         };
+        // Readiness warns while the broker blocks the dead-letter connection.
+        let blocked = {
+            let (health, mut blocked) = (
+                Arc::clone(&self.health),
+                self.dispatcher.dead_letter().blocked(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    health.set_dead_letter_blocked(blocked.borrow_and_update().clone());
+                    if blocked.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         // Shutdown starts: readiness goes, and deliveries waiting for a backend are released.
         let watcher = {
             let (health, draining, shutdown) = (
@@ -341,6 +356,7 @@ impl Sidecar {
         self.health.set_consumers(0);
         watcher.abort();
         mirror.abort();
+        blocked.abort();
         admin_stop.cancel();
         if let Some(checker) = checker {
             let _ = checker.await;

@@ -201,3 +201,224 @@ async fn broker_down_at_start_then_up() {
     acc.assert_no_loss("down-at-start");
     cleanup(&conn, &cfg).await;
 }
+
+/// A memory alarm on the default broker, raised by setting the watermark near zero. It
+/// blocks every publishing connection on the broker, so only tests holding `FAULTS` may
+/// raise one. Dropping it restores the watermark, whatever happened.
+struct MemoryAlarm {
+    watermark: String,
+}
+
+fn alarms() -> String {
+    rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])
+}
+
+impl MemoryAlarm {
+    async fn raise() -> Self {
+        let watermark = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .trim()
+            .to_owned();
+        assert!(
+            watermark.parse::<f64>().is_ok(),
+            "a relative watermark is expected, found {watermark}"
+        );
+        let alarm = Self { watermark };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.000001"]);
+        wait_until("memory alarm raised", Duration::from_secs(30), || async {
+            alarms().contains("memory")
+        })
+        .await;
+        alarm
+    }
+
+    async fn lift(self) {
+        drop(self);
+        wait_until("memory alarm cleared", Duration::from_secs(30), || async {
+            !alarms().contains("memory")
+        })
+        .await;
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(
+            std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into()),
+        )
+        .args(["set_vm_memory_high_watermark", &self.watermark])
+        .status();
+    }
+}
+
+/// A worker that rejects (422) the messages whose id is in `reject`, and takes the rest.
+async fn rejecting_worker(reject: &'static [&'static str]) -> Worker {
+    Worker::builder()
+        .respond(move |r, _| {
+            if reject.contains(&r.header("x-amqp-message-id").unwrap_or("")) {
+                Reply::status(422)
+            } else {
+                Reply::status(200)
+            }
+        })
+        .spawn()
+        .await
+}
+
+fn alarm_config(queue: &str, worker: &Worker) -> amqp_sidecar::config::Config {
+    let mut cfg = config(queue, vec![backend(worker, 4)]);
+    cfg.amqp.consumers = 4;
+    cfg.dead_letter.confirm_timeout_ms = 2_000;
+    cfg.shutdown.grace_ms = 3_000;
+    cfg.retry.backoff_initial_ms = 100;
+    cfg.retry.backoff_max_ms = 500;
+    cfg
+}
+
+/// Issue 18, defect 4: under a memory alarm the dead-letter connection is blocked. Good
+/// messages keep flowing, the block is reported, and once the alarm clears each rejected
+/// message is in the DLQ exactly once, even those whose first copy was sent into the
+/// alarm and confirmed only after it.
+#[tokio::test]
+async fn a_memory_alarm_blocks_dead_letters_but_not_good_messages_and_no_copy_is_doubled() {
+    let _serial = FAULTS.lock().await;
+    let conn = broker().await;
+    let queue = unique("alarm");
+    let worker = rejecting_worker(&["m-0", "m-1", "m-2"]).await;
+    let cfg = alarm_config(&queue, &worker);
+    let dlq = cfg.dead_letter.queue_for(&queue);
+    declare(&conn, &cfg).await;
+    const N: usize = 33;
+    publish_n(&conn, &queue, N).await;
+    let alarm = MemoryAlarm::raise().await;
+    let mut sidecar = spawn_binary(&cfg);
+    sidecar.wait_ready().await;
+    let metrics = format!("http://{}/metrics", sidecar.admin);
+    let readyz = format!("http://{}/readyz", sidecar.admin);
+    wait_until(
+        "the 30 good messages flow under the alarm",
+        Duration::from_secs(60),
+        || async { worker.succeeded().len() >= N - 3 },
+    )
+    .await;
+    wait_until(
+        "the blocked dead-letter connection is reported",
+        Duration::from_secs(30),
+        || async {
+            metric_value(
+                &get_text(&metrics).await,
+                "amqp_sidecar_dead_letter_blocked",
+                &[],
+            ) == 1.0
+                && get_text(&readyz)
+                    .await
+                    .contains("blocks the dead-letter connection")
+        },
+    )
+    .await;
+    assert_eq!(
+        sidecar.readyz().await,
+        Some(200),
+        "a broker alarm does not make the pod unready"
+    );
+    assert_eq!(
+        ready(&conn, &dlq).await,
+        0,
+        "nothing stored during the alarm"
+    );
+    // Each waiting dead-letter gives up after the confirm timeout and requeues; the second
+    // round finds its first copy still unconfirmed and sends nothing.
+    wait_until(
+        "the waiting dead-letters give up and requeue",
+        Duration::from_secs(30),
+        || async {
+            metric_value(
+                &get_text(&metrics).await,
+                "amqp_sidecar_dead_letter_failures_total",
+                &[],
+            ) >= 6.0
+        },
+    )
+    .await;
+    let failures = metric_value(
+        &get_text(&metrics).await,
+        "amqp_sidecar_dead_letter_failures_total",
+        &[],
+    );
+    alarm.lift().await;
+    wait_until(
+        "the 3 rejected messages dead-lettered after the alarm, no copy unconfirmed",
+        Duration::from_secs(60),
+        || async {
+            let m = get_text(&metrics).await;
+            metric_value(&m, "amqp_sidecar_dead_letters_total", &[("queue", &queue)]) == 3.0
+                && metric_value(&m, "amqp_sidecar_dead_letter_unconfirmed", &[]) == 0.0
+                && metric_value(&m, "amqp_sidecar_dead_letter_blocked", &[]) == 0.0
+                && try_ready(&conn, &queue).await == Some(0)
+        },
+    )
+    .await;
+    let log = sidecar.log();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("dead-") || l.contains("blocks"))
+    {
+        println!("[alarm] log: {l}");
+    }
+    sidecar.signal("TERM");
+    assert!(sidecar.wait(Duration::from_secs(10)).await.success());
+    let acc = account(&conn, &cfg, N, &[&worker]).await;
+    acc.assert_no_loss("alarm");
+    let reused = log.matches("earlier_copy=true").count();
+    println!(
+        "[alarm] dead-letter failures during the alarm: {failures}; earlier copies reused: {reused}"
+    );
+    // The broker blocks a connection only once it publishes, so the first copy always goes
+    // out into the alarm, unconfirmed; its late confirm is what lets the original be acked.
+    assert!(reused >= 1, "no copy was sent into the alarm:\n{log}");
+    assert_eq!(acc.dead_lettered, 3, "{acc:?}");
+    assert_eq!(
+        acc.duplicates, 0,
+        "each rejected message stored once: {acc:?}"
+    );
+    cleanup(&conn, &cfg).await;
+}
+
+/// Issue 18, defect 4: SIGTERM while a dead-letter waits on a blocked connection exits
+/// within `shutdown.grace_ms` + 5 s, and the message is not lost.
+#[tokio::test]
+async fn sigterm_during_a_memory_alarm_exits_within_the_grace_period() {
+    let _serial = FAULTS.lock().await;
+    let conn = broker().await;
+    let queue = unique("alarm-term");
+    let worker = rejecting_worker(&["m-0"]).await;
+    let cfg = alarm_config(&queue, &worker);
+    declare(&conn, &cfg).await;
+    publish_n(&conn, &queue, 1).await;
+    let alarm = MemoryAlarm::raise().await;
+    let mut sidecar = spawn_binary(&cfg);
+    // The worker has rejected it twice: its first copy went out into the alarm and timed
+    // out, and the redelivery is in the dead-letter path again, on a blocked connection.
+    wait_until(
+        "the message rejected twice",
+        Duration::from_secs(30),
+        || async { worker.count() >= 2 },
+    )
+    .await;
+    let term_at = Instant::now();
+    sidecar.signal("TERM");
+    let grace = Duration::from_millis(cfg.shutdown.grace_ms);
+    let status = sidecar.wait(grace + Duration::from_secs(5)).await;
+    let took = term_at.elapsed();
+    println!("[alarm-term] exited {took:?} after SIGTERM (grace {grace:?})");
+    assert!(status.success(), "{status:?}\n{}", sidecar.log());
+    alarm.lift().await;
+    // The copy sent into the alarm may be stored when it clears (at-least-once); the
+    // original was never acked, so it is back in the queue either way.
+    wait_until("the original is back", Duration::from_secs(30), || async {
+        try_ready(&conn, &queue).await == Some(1)
+    })
+    .await;
+    let acc = account(&conn, &cfg, 1, &[&worker]).await;
+    acc.assert_no_loss("alarm-term");
+    cleanup(&conn, &cfg).await;
+}

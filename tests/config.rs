@@ -85,6 +85,47 @@ fn run_with_bad_config_exits_78_before_connecting() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 18: every wrong type and unknown key is reported, not only the first, each with
+/// its source (file or environment variable).
+#[test]
+fn every_type_error_is_reported_with_its_source() {
+    let dir = std::env::temp_dir().join(support::unique("cfg-types"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("sidecar.yaml");
+    std::fs::write(
+        &file,
+        "amqp:\n  queue: orders\n  prefetch: lots\n  consumers: -3\n  colour: blue\nbackends:\n  - url: http://127.0.0.1:8080/\n    max_in_flight: many\n",
+    )
+    .expect("write");
+    let out = sidecar_cmd()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .env("AMQP_SIDECAR_RETRY__MAX_ATTEMPTS", "five")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let from_file = format!("(from file {})", file.display());
+    for key in [
+        "amqp.prefetch",
+        "amqp.consumers",
+        "amqp.colour",
+        "backends[0].max_in_flight",
+    ] {
+        assert!(
+            stderr.contains(&format!("{key} {from_file}")),
+            "{key} reported with its file: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("retry.max_attempts (from env AMQP_SIDECAR_RETRY__MAX_ATTEMPTS)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(5 problem(s))"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn check_config_prints_effective_config_without_the_password() {
     let out = sidecar_cmd()

@@ -356,8 +356,9 @@ async fn without_health_checks_a_paused_sidecar_probes_by_tcp_and_resumes() {
     let _turn = PAUSING.lock().await;
     let conn = broker().await;
     let queue = unique("probe");
-    let a = Worker::builder().spawn().await;
-    let addr = a.addr;
+    // On a port outside the ephemeral range, so it is still free when the worker comes back.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a = Worker::builder().on(addr).spawn().await;
     let mut cfg = config(&queue, vec![backend(&a, 2)]);
     cfg.ejection.consecutive_failures = 1;
     cfg.ejection.max_percent = 100;

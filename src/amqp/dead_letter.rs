@@ -8,20 +8,36 @@
 //!
 //! Publishing uses its own deadpool-lapin connection pool, so a slow or blocked publish
 //! never stalls the consuming connection, and keeps one confirm-mode channel, reopened when
-//! it dies (a publish to a missing exchange closes it with NOT_FOUND).
+//! it dies (a publish to a missing exchange closes it with NOT_FOUND) or when a confirm is
+//! late. Every wait is bounded by `dead_letter.confirm_timeout_ms`, and a resource alarm
+//! that blocks the connection is followed (see [`DeadLetterPublisher`]).
 
-use std::time::{Duration, SystemTime};
+use std::{
+    num::NonZeroUsize,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
+use bytes::Bytes;
 use deadpool_lapin::{PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel, Confirmation, Event,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
-use tokio::sync::Mutex;
+use lru::LruCache;
+use tokio::{
+    sync::{Mutex, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::{config::Config, metrics};
 
 /// Why a message goes to the DLX; the value of `x-sidecar-reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +77,9 @@ pub struct Failure {
     pub backend: String,
 }
 
-/// Why a dead-letter publish failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a dead-letter publish failed. Every variant means the copy is not known to be
+/// stored, so the caller requeues the original.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DeadLetterError {
     /// No publishing connection or channel could be had.
     #[error("no publishing channel to the broker: {0}")]
@@ -81,22 +98,109 @@ pub enum DeadLetterError {
     /// The broker refused to store the message.
     #[error("the broker nacked the dead-letter publish")]
     Nacked,
-    /// No confirm within `dead_letter.confirm_timeout_ms`.
+    /// No confirm within `dead_letter.confirm_timeout_ms`. The copy may still be stored
+    /// later; the publisher keeps track of it (see [`DeadLetterPublisher::publish`]).
     #[error("no publisher confirm within {} ms", .0.as_millis())]
     ConfirmTimeout(Duration),
+    /// The broker blocks the publishing connection (a resource alarm,
+    /// <https://www.rabbitmq.com/docs/connection-blocked>) and did not unblock it within
+    /// `dead_letter.confirm_timeout_ms`; nothing was sent.
+    #[error("the broker blocks publishing ({0}); nothing sent")]
+    Blocked(String),
+    /// An earlier copy of this message was sent but its confirm has not come yet; sending
+    /// another could store two.
+    #[error("an earlier dead-letter copy of this message is still unconfirmed")]
+    Unconfirmed,
+    /// Shutdown's drain deadline passed first.
+    #[error("abandoned by shutdown")]
+    Cancelled,
     /// Any other channel error.
     #[error("dead-letter publish failed: {0}")]
     Channel(String),
 }
 
-/// Publishes dead-letter copies.
-pub struct DeadLetterPublisher {
+/// How a dead-letter copy came to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Published now and confirmed.
+    Now,
+    /// An earlier copy of the same message, whose confirm came after its caller gave up,
+    /// was confirmed; nothing was published again.
+    Earlier,
+}
+
+/// Where one copy is. The caller and the task that publishes it share it through a watch;
+/// the step from `NotSent` is taken under the watch's lock, so the caller's "give up" and
+/// the task's "send" cannot both happen.
+#[derive(Debug, Clone)]
+enum CopyState {
+    /// Not handed to the AMQP client yet.
+    NotSent,
+    /// The caller gave up before it was sent; it never will be.
+    Abandoned,
+    /// Handed to the AMQP client (on the wire, or queued behind a blocked connection).
+    Sent,
+    /// Confirmed by the broker.
+    Stored,
+    /// Not stored.
+    Failed(DeadLetterError),
+}
+
+/// One copy in flight.
+struct Copy {
+    state: watch::Sender<CopyState>,
+    /// Set when its caller gave up after it was sent: the copy is then in `late` and in the
+    /// [`metrics::DEAD_LETTER_UNCONFIRMED`] gauge.
+    late: AtomicBool,
+}
+
+/// Most copies remembered as sent-but-unconfirmed; the oldest are forgotten beyond this.
+const LATE_CAPACITY: usize = 10_000;
+
+/// How long closing the publishing channel may take at shutdown (the connection may be
+/// blocked, and then nothing can be written).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the publishing tasks share.
+struct Inner {
     pool: deadpool_lapin::Pool,
     channel: Mutex<Option<Channel>>,
+    /// The pool connection whose events are watched.
+    watched: std::sync::Mutex<Option<deadpool_lapin::ObjectId>>,
+    /// `Some(reason)` while the broker blocks the publishing connection.
+    blocked: watch::Sender<Option<String>>,
+    /// Copies sent whose caller stopped waiting, by [`content_key`](crate::retry::DeliveryIdentity::content_key).
+    late: std::sync::Mutex<LruCache<u64, Arc<Copy>>>,
     exchange: String,
     routing_key: String,
     queue: String,
     confirm_timeout: Duration,
+}
+
+/// Publishes dead-letter copies.
+///
+/// # Bounded, and never two copies from one pod
+/// Every broker operation on the way (connection, channel open, publish, confirm) runs in a
+/// task of its own; the caller waits for it at most `dead_letter.confirm_timeout_ms`, or
+/// until shutdown's drain deadline. A resource alarm blocks the connection
+/// (<https://www.rabbitmq.com/docs/connection-blocked>): the AMQP client then writes
+/// nothing, so a channel open or a publish would wait for the alarm to clear.
+/// - While the connection is known to be blocked, nothing is sent: the caller waits for
+///   `connection.unblocked` within its timeout, then gives up ([`DeadLetterError::Blocked`]).
+/// - A copy that was sent but not confirmed in time is not forgotten. Its task keeps
+///   waiting for the confirm, and the copy is remembered by the message's content. When the
+///   requeued original comes back to be dead-lettered again, the outcome of that copy
+///   decides: confirmed → the original is acked without a second publish ([`Stored::Earlier`]);
+///   still unconfirmed → requeued again ([`DeadLetterError::Unconfirmed`]); failed → a new
+///   copy is published.
+///
+/// Closing the timed-out channel, as one might think, does not prevent the copy: the
+/// publish frames are ahead of `channel.close` in the same connection, and the broker
+/// processes them in order once it unblocks. If the original is redelivered to another pod,
+/// or the sidecar exits while the copy is unconfirmed, a second copy can still be stored:
+/// dead-lettering is at-least-once.
+pub struct DeadLetterPublisher {
+    inner: Arc<Inner>,
 }
 
 impl DeadLetterPublisher {
@@ -126,20 +230,254 @@ impl DeadLetterPublisher {
             Runtime::Tokio1,
         )?;
         let queue = cfg.amqp.queue.clone();
+        metrics::set_dead_letter_blocked(false);
         Ok(Self {
-            pool,
-            channel: Mutex::new(None),
-            exchange: cfg.dead_letter.exchange_for(&queue),
-            routing_key: cfg.dead_letter.routing_key_for(&queue),
-            queue,
-            confirm_timeout: cfg.dead_letter.confirm_timeout(),
+            inner: Arc::new(Inner {
+                pool,
+                channel: Mutex::new(None),
+                watched: std::sync::Mutex::new(None),
+                blocked: watch::Sender::new(None),
+                late: std::sync::Mutex::new(LruCache::new(
+                    NonZeroUsize::new(LATE_CAPACITY).unwrap_or(NonZeroUsize::MIN),
+                )),
+                exchange: cfg.dead_letter.exchange_for(&queue),
+                routing_key: cfg.dead_letter.routing_key_for(&queue),
+                queue,
+                confirm_timeout: cfg.dead_letter.confirm_timeout(),
+            }),
         })
     }
 
     /// The DLX name.
     #[must_use]
     pub fn exchange(&self) -> &str {
-        &self.exchange
+        &self.inner.exchange
+    }
+
+    /// `Some(reason)` while the broker blocks the publishing connection (a resource alarm).
+    #[must_use]
+    pub fn blocked(&self) -> watch::Receiver<Option<String>> {
+        self.inner.blocked.subscribe()
+    }
+
+    /// Stores a copy of the message (`body`, `properties`) with the `x-sidecar-*` headers
+    /// added, and waits for the broker's confirm, at most `dead_letter.confirm_timeout_ms`.
+    /// `key` identifies the message's content
+    /// ([`DeliveryIdentity::content_key`](crate::retry::DeliveryIdentity::content_key)); an
+    /// earlier copy of the same content that was confirmed late counts as stored (see the
+    /// type's docs). `cancel` (shutdown's drain deadline) ends the wait early.
+    ///
+    /// # Errors
+    /// A [`DeadLetterError`]; the caller must then requeue the original.
+    pub async fn publish(
+        &self,
+        key: u64,
+        body: Bytes,
+        properties: &BasicProperties,
+        failure: &Failure,
+        cancel: &CancellationToken,
+    ) -> Result<Stored, DeadLetterError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.confirm_timeout;
+        if let Some(earlier) = inner.late_copy(key) {
+            let mut state = earlier.state.subscribe();
+            let settled = tokio::select! {
+                () = cancel.cancelled() => return Err(DeadLetterError::Cancelled),
+                r = tokio::time::timeout_at(deadline, state.wait_for(|s| !matches!(s, CopyState::Sent))) => r.is_ok(),
+            };
+            if !settled {
+                return Err(DeadLetterError::Unconfirmed);
+            }
+            inner.forget_late(key, &earlier);
+            if matches!(*earlier.state.borrow(), CopyState::Stored) {
+                return Ok(Stored::Earlier);
+            }
+        }
+        // While blocked, send nothing: it would only queue up behind the alarm.
+        let mut blocked = inner.blocked.subscribe();
+        let unblocked = tokio::select! {
+            () = cancel.cancelled() => return Err(DeadLetterError::Cancelled),
+            r = tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)) => r.is_ok(),
+        };
+        if !unblocked {
+            let reason = blocked.borrow().clone().unwrap_or_default();
+            return Err(DeadLetterError::Blocked(reason));
+        }
+        let props = with_failure_headers(properties, failure, &inner.queue);
+        let copy = Arc::new(Copy {
+            state: watch::Sender::new(CopyState::NotSent),
+            late: AtomicBool::new(false),
+        });
+        tokio::spawn(Arc::clone(inner).store(key, Arc::clone(&copy), body, props));
+        let mut state = copy.state.subscribe();
+        let finished = tokio::select! {
+            () = cancel.cancelled() => None,
+            r = tokio::time::timeout_at(deadline, state.wait_for(|s| matches!(s, CopyState::Stored | CopyState::Failed(_)))) => r.ok().and_then(|s| s.ok().map(|s| s.clone())),
+        };
+        match finished {
+            Some(CopyState::Stored) => Ok(Stored::Now),
+            Some(CopyState::Failed(e)) => Err(e),
+            _ => Err(inner.give_up(key, &copy, cancel.is_cancelled())),
+        }
+    }
+
+    /// Closes the publishing channel and pool. Copies still unconfirmed then fail.
+    pub async fn close(&self) {
+        let channel = self.inner.channel.lock().await.take();
+        if let Some(ch) = channel {
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, ShortString::from("shutdown")))
+                    .await;
+        }
+        self.inner.pool.close();
+    }
+}
+
+impl Inner {
+    fn late_copy(&self, key: u64) -> Option<Arc<Copy>> {
+        lock(&self.late).get(&key).cloned()
+    }
+
+    /// Removes `copy` from the late copies, if it is still the one under `key`.
+    fn forget_late(&self, key: u64, copy: &Arc<Copy>) {
+        let mut late = lock(&self.late);
+        if late.peek(&key).is_some_and(|c| Arc::ptr_eq(c, copy)) {
+            late.pop(&key);
+            if copy.late.swap(false, Ordering::SeqCst) {
+                metrics::dead_letter_unconfirmed(-1.0);
+            }
+        }
+    }
+
+    /// The caller stops waiting for `copy`. Not sent yet: it never will be. Sent: it is
+    /// remembered, and the channel is retired so later copies go on a fresh one.
+    fn give_up(&self, key: u64, copy: &Arc<Copy>, cancelled: bool) -> DeadLetterError {
+        let mut failed = None;
+        copy.state.send_if_modified(|s| match s {
+            CopyState::NotSent => {
+                *s = CopyState::Abandoned;
+                true
+            }
+            CopyState::Failed(e) => {
+                failed = Some(e.clone());
+                false
+            }
+            _ => false,
+        });
+        // It failed just as the wait ended: nothing to remember. (One confirmed just now is
+        // remembered below, so the original's next delivery is acked without a new copy.)
+        if let Some(e) = failed {
+            return e;
+        }
+        let sent = matches!(*copy.state.borrow(), CopyState::Sent | CopyState::Stored);
+        if sent {
+            let mut late = lock(&self.late);
+            if let Some((_, evicted)) = late.push(key, Arc::clone(copy))
+                && !Arc::ptr_eq(&evicted, copy)
+                && evicted.late.swap(false, Ordering::SeqCst)
+            {
+                metrics::dead_letter_unconfirmed(-1.0);
+            }
+            if !copy.late.swap(true, Ordering::SeqCst) {
+                metrics::dead_letter_unconfirmed(1.0);
+            }
+            drop(late);
+            self.retire_channel();
+        }
+        match self.blocked.borrow().clone() {
+            _ if cancelled => DeadLetterError::Cancelled,
+            Some(reason) if !sent => DeadLetterError::Blocked(reason),
+            _ => DeadLetterError::ConfirmTimeout(self.confirm_timeout),
+        }
+    }
+
+    /// Later copies use a fresh channel; the retired one closes when its last pending
+    /// confirm is in (lapin closes a channel when its last handle drops).
+    fn retire_channel(&self) {
+        if let Ok(mut cached) = self.channel.try_lock() {
+            *cached = None;
+        }
+    }
+
+    /// The task behind one copy: get a channel, send unless the caller gave up, await the
+    /// confirm however long it takes (the connection's life bounds it).
+    async fn store(
+        self: Arc<Self>,
+        key: u64,
+        copy: Arc<Copy>,
+        body: Bytes,
+        props: BasicProperties,
+    ) {
+        let result = self.send_and_confirm(&copy, &body, props).await;
+        let failed = result.is_err();
+        copy.state.send_modify(|s| {
+            if !matches!(s, CopyState::Abandoned) {
+                *s = match result {
+                    Ok(()) => CopyState::Stored,
+                    Err(e) => CopyState::Failed(e),
+                };
+            }
+        });
+        if failed {
+            *self.channel.lock().await = None;
+            // A failed late copy is nothing to remember: the next attempt publishes anew.
+            self.forget_late(key, &copy);
+        } else if copy.late.swap(false, Ordering::SeqCst) {
+            // Confirmed late: stays in `late` (the original's next delivery finds it) but
+            // is no longer unconfirmed.
+            metrics::dead_letter_unconfirmed(-1.0);
+        }
+    }
+
+    async fn send_and_confirm(
+        &self,
+        copy: &Copy,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), DeadLetterError> {
+        let ch = tokio::time::timeout(self.confirm_timeout, self.channel())
+            .await
+            .map_err(|_| {
+                DeadLetterError::Unavailable(format!(
+                    "no channel within {} ms",
+                    self.confirm_timeout.as_millis()
+                ))
+            })??;
+        let sent = copy.state.send_if_modified(|s| {
+            if matches!(s, CopyState::NotSent) {
+                *s = CopyState::Sent;
+                true
+            } else {
+                false
+            }
+        });
+        if !sent {
+            return Err(DeadLetterError::Cancelled);
+        }
+        let confirm = ch
+            .basic_publish(
+                ShortString::from(self.exchange.as_str()),
+                ShortString::from(self.routing_key.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(|e| self.classify(&e))?;
+        match confirm.await.map_err(|e| self.classify(&e))? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(DeadLetterError::Unroutable {
+                exchange: self.exchange.clone(),
+                routing_key: self.routing_key.clone(),
+            }),
+            Confirmation::Nack(_) => Err(DeadLetterError::Nacked),
+            Confirmation::NotRequested => Err(DeadLetterError::Channel(
+                "publisher confirms are not enabled".into(),
+            )),
+        }
     }
 
     async fn channel(&self) -> Result<Channel, DeadLetterError> {
@@ -153,6 +491,7 @@ impl DeadLetterPublisher {
             .get()
             .await
             .map_err(|e| DeadLetterError::Unavailable(e.to_string()))?;
+        self.watch_blocking(&conn);
         let ch = conn
             .create_channel()
             .await
@@ -164,68 +503,41 @@ impl DeadLetterPublisher {
         Ok(ch)
     }
 
-    async fn forget_channel(&self) {
-        *self.channel.lock().await = None;
-    }
-
-    /// Publishes a copy of the message (`body`, `properties`) with the `x-sidecar-*` headers
-    /// added, and waits for the broker's confirm.
-    ///
-    /// # Errors
-    /// A [`DeadLetterError`]; the caller must then requeue the original.
-    pub async fn publish(
-        &self,
-        body: &[u8],
-        properties: &BasicProperties,
-        failure: &Failure,
-    ) -> Result<(), DeadLetterError> {
-        let props = with_failure_headers(properties, failure, &self.queue);
-        let result = self.publish_once(body, props).await;
-        if result.is_err() {
-            self.forget_channel().await;
-        }
-        result
-    }
-
-    async fn publish_once(
-        &self,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), DeadLetterError> {
-        let ch = self.channel().await?;
-        let exchange = self.exchange.clone();
-        let work = async {
-            let confirm = ch
-                .basic_publish(
-                    ShortString::from(self.exchange.as_str()),
-                    ShortString::from(self.routing_key.as_str()),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    props,
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            // lapin #409: a publish can hang when the server closes the connection, so the
-            // whole exchange runs under the confirm timeout.
-            match confirm.await.map_err(|e| self.classify(&e))? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(DeadLetterError::Unroutable {
-                    exchange: exchange.clone(),
-                    routing_key: self.routing_key.clone(),
-                }),
-                Confirmation::Nack(_) => Err(DeadLetterError::Nacked),
-                Confirmation::NotRequested => Err(DeadLetterError::Channel(
-                    "publisher confirms are not enabled".into(),
-                )),
+    /// Follows `connection.blocked` / `connection.unblocked` on a new pool connection
+    /// (lapin advertises the capability; RabbitMQ sends them around resource alarms).
+    fn watch_blocking(&self, conn: &deadpool_lapin::Object) {
+        let id = deadpool_lapin::Object::id(conn);
+        {
+            let mut watched = lock(&self.watched);
+            if *watched == Some(id) {
+                return;
             }
-        };
-        match tokio::time::timeout(self.confirm_timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(DeadLetterError::ConfirmTimeout(self.confirm_timeout)),
+            *watched = Some(id);
         }
+        let blocked = self.blocked.clone();
+        let set = move |reason: Option<String>| {
+            metrics::set_dead_letter_blocked(reason.is_some());
+            blocked.send_replace(reason);
+        };
+        set(conn.status().blocked().then(String::new));
+        let mut events = Box::pin(conn.events_listener());
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(%reason, "the broker blocks the dead-letter connection (resource alarm); dead-letters wait");
+                        set(Some(reason));
+                    }
+                    Event::ConnectionUnblocked => {
+                        tracing::info!("the broker unblocked the dead-letter connection");
+                        set(None);
+                    }
+                    _ => {}
+                }
+            }
+            // The connection is gone; its successor starts unblocked.
+            set(None);
+        });
     }
 
     fn classify(&self, e: &lapin::Error) -> DeadLetterError {
@@ -236,14 +548,10 @@ impl DeadLetterPublisher {
         }
         DeadLetterError::Channel(super::describe(e))
     }
+}
 
-    /// Closes the publishing channel and pool.
-    pub async fn close(&self) {
-        if let Some(ch) = self.channel.lock().await.take() {
-            let _ = ch.close(200, ShortString::from("shutdown")).await;
-        }
-        self.pool.close();
-    }
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The original properties with the `x-sidecar-*` headers added (existing headers kept),

@@ -770,13 +770,25 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released) below Linux's ephemeral range
+/// (32768–60999), so an outgoing connection can never take it as its local port between
+/// the release and a later bind (a worker brought back on its port, a spawned binary's
+/// admin port). Each call in a process returns a different port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        // 7919 is prime to SPAN, so successive calls walk every port once.
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(LOW + (start + step * 7919) % SPAN).expect("port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Starts the sidecar binary with `cfg` (written as a config file; JSON is valid YAML).
