@@ -409,7 +409,7 @@ contract = {
     "amqp_sidecar_deliveries_total", "amqp_sidecar_acks_total", "amqp_sidecar_requeues_total",
     "amqp_sidecar_dead_letters_total", "amqp_sidecar_backend_requests_total",
     "amqp_sidecar_connection_recoveries_total", "amqp_sidecar_dead_letter_failures_total",
-    "amqp_sidecar_dead_letter_blocked", "amqp_sidecar_dead_letter_unconfirmed",
+    "amqp_sidecar_dead_letter_blocked", "amqp_sidecar_dead_letter_unconfirmed", "amqp_sidecar_backend_unreachable",
     "amqp_sidecar_backend_ejections_total", "amqp_sidecar_backend_in_flight", "amqp_sidecar_connected",
     "amqp_sidecar_consumers", "amqp_sidecar_paused", "amqp_sidecar_backend_healthy",
     "amqp_sidecar_pause_self_corrections_total",

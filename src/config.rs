@@ -268,6 +268,14 @@ pub struct BackendLimits {
     pub max_response_bytes: usize,
     /// TCP connect timeout, in ms. Default 2000.
     pub connect_timeout_ms: u64,
+    /// A PEM bundle of CA certificates trusted for `https://` backends, added to the
+    /// system's roots (for workers with a private CA). Default unset.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A PEM certificate chain the sidecar presents to `https://` backends that ask for one
+    /// (mTLS). Set together with `client_key_file`. Default unset.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of `client_cert_file`. Default unset.
+    pub client_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for BackendLimits {
@@ -276,6 +284,9 @@ impl Default for BackendLimits {
             max_body_bytes: 16 * 1024 * 1024,
             max_response_bytes: 64 * 1024,
             connect_timeout_ms: 2_000,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -1029,6 +1040,37 @@ impl Config {
                 "backend.max_body_bytes",
                 "must be at least 1".into(),
             );
+        }
+        if let Some(path) = &self.backend.ca_file
+            && let Err(e) = crate::tls::load_roots(path)
+        {
+            bad("backend.ca_file".into(), "backend.ca_file", e.to_string());
+        }
+        match (
+            &self.backend.client_cert_file,
+            &self.backend.client_key_file,
+        ) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::tls::load_identity(cert, key) {
+                    let key_name = if matches!(e, crate::tls::TlsFileError::Key { .. }) {
+                        "backend.client_key_file"
+                    } else {
+                        "backend.client_cert_file"
+                    };
+                    bad(key_name.into(), key_name, e.to_string());
+                }
+            }
+            (Some(_), None) => bad(
+                "backend.client_key_file".into(),
+                "backend.client_key_file",
+                "must be set when backend.client_cert_file is".into(),
+            ),
+            (None, Some(_)) => bad(
+                "backend.client_cert_file".into(),
+                "backend.client_cert_file",
+                "must be set when backend.client_key_file is".into(),
+            ),
+            (None, None) => {}
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             bad(

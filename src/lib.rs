@@ -19,6 +19,7 @@
 //!   [`balance::EjectionClock`] ends ejections on time.
 //! - [`backend`]: the HTTP client, the request/header mapping, outcome classification, and
 //!   active health checks.
+//! - [`tls`]: the rustls client configuration for `https://` backends.
 //! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and backoff.
 //! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.
 //! - [`metrics`]: metric names, units and help text, in one place.
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod retry;
 pub mod shutdown;
 pub mod sidecar;
+pub mod tls;
 
 pub use config::Config;
 pub use sidecar::{Sidecar, SidecarError};

@@ -44,6 +44,9 @@ pub const BACKEND_DURATION: &str = "amqp_sidecar_backend_request_duration_second
 pub const BACKEND_IN_FLIGHT: &str = "amqp_sidecar_backend_in_flight";
 /// Gauge: 1 while the backend passes its active health checks (always 1 without checks), by `backend`.
 pub const BACKEND_HEALTHY: &str = "amqp_sidecar_backend_healthy";
+/// Gauge: 1 while the backend is unreachable (a request to it was never delivered: refused,
+/// connect timeout, DNS or TLS failure) until a probe reaches it, by `backend`.
+pub const BACKEND_UNREACHABLE: &str = "amqp_sidecar_backend_unreachable";
 /// Counter: passive ejections of a backend, by `backend`.
 pub const BACKEND_EJECTIONS: &str = "amqp_sidecar_backend_ejections_total";
 /// Gauge: 1 while consumption is paused because no backend is usable.
@@ -183,6 +186,11 @@ fn describe() {
         Unit::Count,
         "1 while the backend passes its active health checks (always 1 without checks), else 0."
     );
+    describe_gauge!(
+        BACKEND_UNREACHABLE,
+        Unit::Count,
+        "1 while the backend is unreachable (refused, connect timeout, DNS or TLS failure) until a probe reaches it, else 0."
+    );
     describe_counter!(
         BACKEND_EJECTIONS,
         Unit::Count,
@@ -272,6 +280,8 @@ pub struct BackendMetrics {
     pub healthy: Gauge,
     /// [`BACKEND_EJECTIONS`].
     pub ejections: Counter,
+    /// [`BACKEND_UNREACHABLE`].
+    pub unreachable: Gauge,
 }
 
 impl BackendMetrics {
@@ -285,6 +295,7 @@ impl BackendMetrics {
             duration: histogram!(BACKEND_DURATION, "backend" => b.clone()),
             in_flight: gauge!(BACKEND_IN_FLIGHT, "backend" => b.clone()),
             healthy: gauge!(BACKEND_HEALTHY, "backend" => b.clone()),
+            unreachable: gauge!(BACKEND_UNREACHABLE, "backend" => b.clone()),
             ejections: counter!(BACKEND_EJECTIONS, "backend" => b),
         }
     }

@@ -197,8 +197,7 @@ impl Sidecar {
             .map(|b| b.max_in_flight as usize)
             .max()
             .unwrap_or(1);
-        let client = Client::new(&config.backend, max_idle)
-            .map_err(|e| SidecarError::Client(e.to_string()))?;
+        let client = Client::new(&config.backend, max_idle).map_err(SidecarError::Client)?;
         let dead_letter = DeadLetterPublisher::new(&config)
             .map_err(|e| SidecarError::DeadLetter(e.to_string()))?;
         let draining = CancellationToken::new();
@@ -242,8 +241,8 @@ impl Sidecar {
             None
         } else {
             Some(
-                HealthChecker::new(Arc::clone(dispatcher.pool()), targets)
-                    .map_err(|e| SidecarError::Client(e.to_string()))?,
+                HealthChecker::new(Arc::clone(dispatcher.pool()), targets, &config.backend)
+                    .map_err(SidecarError::Client)?,
             )
         };
         Ok(Self {

@@ -40,13 +40,26 @@ impl HealthChecker {
     /// A checker for `targets` on `pool`.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built.
-    pub fn new(pool: Arc<Pool>, targets: Vec<Target>) -> Result<Self, reqwest::Error> {
+    /// When the HTTP client cannot be built (a TLS file of `limits` that cannot be used).
+    pub fn new(
+        pool: Arc<Pool>,
+        targets: Vec<Target>,
+        limits: &crate::config::BackendLimits,
+    ) -> Result<Self, String> {
+        crate::tls::install_provider();
+        let tls = crate::tls::from_files(
+            limits.ca_file.as_deref(),
+            limits.client_cert_file.as_deref(),
+            limits.client_key_file.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(1)
-            .build()?;
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             pool,
             targets,

@@ -169,17 +169,26 @@ impl Client {
     /// A pooled keep-alive client.
     ///
     /// # Errors
-    /// When reqwest cannot build its client (no TLS backend is compiled in, so this only
-    /// fails on resource exhaustion).
-    pub fn new(limits: &BackendLimits, pool_per_host: usize) -> Result<Self, reqwest::Error> {
+    /// When a TLS file of `limits` cannot be used (validation reports that first, with its
+    /// key), or reqwest cannot build its client.
+    pub fn new(limits: &BackendLimits, pool_per_host: usize) -> Result<Self, String> {
+        crate::tls::install_provider();
+        let tls = crate::tls::from_files(
+            limits.ca_file.as_deref(),
+            limits.client_cert_file.as_deref(),
+            limits.client_key_file.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_millis(limits.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(pool_per_host)
             .tcp_nodelay(true)
-            .build()?;
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             http,
             max_response_bytes: limits.max_response_bytes,

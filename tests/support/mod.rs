@@ -628,6 +628,7 @@ pub fn dead_letter_headers(m: &BasicGetMessage) -> FieldTable {
 
 /// An HTTP client that never uses a proxy.
 pub fn http() -> reqwest::Client {
+    amqp_sidecar::tls::install_provider();
     reqwest::Client::builder()
         .no_proxy()
         .build()
