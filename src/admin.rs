@@ -54,6 +54,16 @@ pub struct Health {
     paused: AtomicBool,
     last_error: Mutex<Option<String>>,
     dead_letter_blocked: Mutex<Option<String>>,
+    unusable: Mutex<Vec<UnusableBackend>>,
+}
+
+/// A backend that takes no requests now, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnusableBackend {
+    /// The backend's label.
+    pub backend: String,
+    /// `unreachable: <the error>`, `unhealthy` or `ejected`.
+    pub reason: String,
 }
 
 /// The /readyz answer.
@@ -73,6 +83,8 @@ pub struct Readiness {
     pub draining: bool,
     /// Consumption is paused: no backend is usable.
     pub paused: bool,
+    /// The backends that take no requests now, and why.
+    pub unusable_backends: Vec<UnusableBackend>,
     /// Why not ready (empty when ready).
     pub reasons: Vec<String>,
     /// Problems that do not make the sidecar unready, because good messages still flow:
@@ -123,6 +135,11 @@ impl Health {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Records which backends take no requests now, and why.
+    pub fn set_unusable(&self, unusable: Vec<UnusableBackend>) {
+        *lock(&self.unusable) = unusable;
+    }
+
     /// Records whether the broker blocks the dead-letter connection, and why (shown on
     /// /readyz as a warning).
     pub fn set_dead_letter_blocked(&self, reason: Option<String>) {
@@ -143,11 +160,21 @@ impl Health {
         let usable_backends = self.usable_backends.load(Ordering::SeqCst);
         let draining = self.draining.load(Ordering::SeqCst);
         let paused = self.paused.load(Ordering::SeqCst);
+        let unusable_backends = lock(&self.unusable).clone();
         let mut reasons = Vec::new();
         if paused {
-            reasons.push(
-                "consumption paused: no usable backend (all unhealthy or ejected)".to_owned(),
-            );
+            let why: Vec<String> = unusable_backends
+                .iter()
+                .map(|u| format!("{} {}", u.backend, u.reason))
+                .collect();
+            reasons.push(format!(
+                "consumption paused: no usable backend ({})",
+                if why.is_empty() {
+                    "all unhealthy, ejected or unreachable".to_owned()
+                } else {
+                    why.join("; ")
+                }
+            ));
         }
         if draining {
             reasons.push("shutting down: draining in-flight deliveries".to_owned());
@@ -180,6 +207,7 @@ impl Health {
             usable_backends,
             draining,
             paused,
+            unusable_backends,
             reasons,
         }
     }

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admin::{AdminServer, Health},
+    admin::{AdminServer, Health, UnusableBackend},
     amqp::{
         self,
         consumer::{Consumer, ConsumerExit},
@@ -32,8 +32,9 @@ use crate::{
     backend::{
         Backend, Client,
         health::{HealthChecker, Target},
+        probe::{Probe, ProbeTarget, Prober},
     },
-    balance::{self, EjectionClock, Hooks, Pool},
+    balance::{self, EjectionClock, Hooks, Pool, Unusable},
     config::{Config, redact_url},
     dispatch::Dispatcher,
 };
@@ -128,6 +129,8 @@ pub struct Sidecar {
     checker: Option<HealthChecker>,
     /// Backends without a health check, with their address, probed by TCP while paused.
     probe_targets: Vec<(usize, Option<SocketAddr>)>,
+    /// Probes unreachable backends (taken by `run()`).
+    prober: Option<Prober>,
 }
 
 impl Sidecar {
@@ -174,15 +177,30 @@ impl Sidecar {
         for h in &handles {
             h.in_flight.set(0.0);
             h.healthy.set(1.0);
+            h.unreachable.set(0.0);
             h.ejections.increment(0);
         }
         let labels: Vec<String> = backends.iter().map(|b| b.label.clone()).collect();
-        let ejected_handles = handles.clone();
+        let (ejected_handles, reach_handles, reach_labels) =
+            (handles.clone(), handles.clone(), labels.clone());
         let hooks = Hooks {
             in_flight: Box::new(move |i, n| handles[i].in_flight.set(f64::from(n))),
             ejected: Box::new(move |i, d| {
                 ejected_handles[i].ejections.increment(1);
                 tracing::warn!(backend = %labels[i], ejected_for_ms = d.as_millis() as u64, "backend ejected after consecutive failures");
+            }),
+            reachability: Box::new(move |i, healthy, unreachable| {
+                let h = &reach_handles[i];
+                h.healthy.set(if healthy && unreachable.is_none() {
+                    1.0
+                } else {
+                    0.0
+                });
+                h.unreachable
+                    .set(if unreachable.is_some() { 1.0 } else { 0.0 });
+                if let Some(reason) = unreachable {
+                    tracing::warn!(backend = %reach_labels[i], error = %reason, "backend unreachable: a request was not delivered; probing it (not counted as an attempt)");
+                }
             }),
         };
         let pool: Arc<Pool> = Pool::new(
@@ -198,6 +216,7 @@ impl Sidecar {
             .max()
             .unwrap_or(1);
         let client = Client::new(&config.backend, max_idle).map_err(SidecarError::Client)?;
+        let client_for_probes = client.http().clone();
         let dead_letter = DeadLetterPublisher::new(&config)
             .map_err(|e| SidecarError::DeadLetter(e.to_string()))?;
         let draining = CancellationToken::new();
@@ -214,27 +233,39 @@ impl Sidecar {
         health.set_expected_consumers(config.consumer_count() as usize);
         let mut targets = Vec::new();
         let mut probe_targets = Vec::new();
+        let mut probes = Vec::new();
         for (i, b) in dispatcher.backends().iter().enumerate() {
             match config.health_check(i) {
                 Some(check) => {
                     let url = b.url.join(&check.path).map_err(|e| {
                         SidecarError::Client(format!("health path {:?}: {e}", check.path))
                     })?;
+                    probes.push(ProbeTarget {
+                        index: i,
+                        label: b.label.clone(),
+                        probe: Probe::for_backend(&b.url, Some(url.clone())),
+                    });
                     targets.push(Target {
                         index: i,
                         label: b.label.clone(),
                         url,
                         check,
-                        metrics: b.metrics.clone(),
                     });
                 }
-                None => probe_targets.push((
-                    i,
-                    b.url
-                        .socket_addrs(|| None)
-                        .ok()
-                        .and_then(|a| a.first().copied()),
-                )),
+                None => {
+                    probes.push(ProbeTarget {
+                        index: i,
+                        label: b.label.clone(),
+                        probe: Probe::for_backend(&b.url, None),
+                    });
+                    probe_targets.push((
+                        i,
+                        b.url
+                            .socket_addrs(|| None)
+                            .ok()
+                            .and_then(|a| a.first().copied()),
+                    ));
+                }
             }
         }
         let checker = if targets.is_empty() {
@@ -245,6 +276,7 @@ impl Sidecar {
                     .map_err(SidecarError::Client)?,
             )
         };
+        let prober = Prober::new(Arc::clone(dispatcher.pool()), probes, client_for_probes);
         Ok(Self {
             config,
             health,
@@ -256,6 +288,7 @@ impl Sidecar {
             abort,
             checker,
             probe_targets,
+            prober: Some(prober),
         })
     }
 
@@ -290,12 +323,33 @@ impl Sidecar {
         let clock = tokio::spawn(
             EjectionClock::new(Arc::clone(self.dispatcher.pool())).run(admin_stop.clone()),
         );
-        // Readiness follows the number of usable backends.
+        let prober = self
+            .prober
+            .take()
+            .map(|p| tokio::spawn(p.run(admin_stop.clone())));
+        // Readiness follows the number of usable backends, and says which are out and why.
         let mirror = {
             let (health, mut usable) = (Arc::clone(&self.health), self.dispatcher.pool().usable());
+            let dispatcher = Arc::clone(&self.dispatcher);
             tokio::spawn(async move {
                 loop {
                     health.set_usable_backends(*usable.borrow_and_update());
+                    let labels = dispatcher.backends();
+                    health.set_unusable(
+                        dispatcher
+                            .pool()
+                            .unusable_now()
+                            .into_iter()
+                            .map(|(i, why)| UnusableBackend {
+                                backend: labels[i].label.clone(),
+                                reason: match why {
+                                    Unusable::Unreachable(e) => format!("unreachable: {e}"),
+                                    Unusable::Unhealthy => "unhealthy".to_owned(),
+                                    Unusable::Ejected => "ejected".to_owned(),
+                                },
+                            })
+                            .collect(),
+                    );
                     if usable.changed().await.is_err() {
                         return;
                     }
@@ -361,6 +415,9 @@ impl Sidecar {
             let _ = checker.await;
         }
         let _ = clock.await;
+        if let Some(prober) = prober {
+            let _ = prober.await;
+        }
         if let Some(admin) = admin {
             let _ = admin.await;
         }
@@ -580,7 +637,9 @@ impl Sidecar {
 
             // Paused: no backend is usable. Every consumer is cancelled, so the messages go to
             // other pods instead of burning attempts here; probe until a backend answers.
-            tracing::warn!("no usable backend (all unhealthy or ejected): consumption paused");
+            tracing::warn!(
+                "no usable backend (all unhealthy, ejected or unreachable): consumption paused"
+            );
             self.health.set_paused(true);
             let probe_stop = CancellationToken::new();
             let probe = tokio::spawn(probe_unusable(

@@ -63,7 +63,7 @@ impl Reason {
 }
 
 /// What the `x-sidecar-*` headers say about the failure.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// `x-sidecar-reason`.
     pub reason: Reason,

@@ -13,7 +13,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{balance::Pool, config::HealthCheck, metrics::BackendMetrics};
+use crate::{balance::Pool, config::HealthCheck};
 
 /// One backend's health-check target.
 pub struct Target {
@@ -25,8 +25,6 @@ pub struct Target {
     pub url: reqwest::Url,
     /// Its settings.
     pub check: HealthCheck,
-    /// Its metric handles (the `healthy` gauge).
-    pub metrics: BackendMetrics,
 }
 
 /// The health-check task.
@@ -120,7 +118,7 @@ async fn check_loop(t: Target, pool: Arc<Pool>, client: reqwest::Client, stop: C
         } else {
             continue;
         }
-        t.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
+        // The pool publishes it (the health gauge, readiness, pausing).
         pool.set_healthy(t.index, healthy);
     }
 }

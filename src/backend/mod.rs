@@ -6,6 +6,7 @@
 //! worker that redirects is misconfigured, and following it would hide that).
 
 pub mod health;
+pub mod probe;
 pub mod request;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -67,10 +68,15 @@ pub enum BackendError {
     /// No complete response within the backend's `timeout_ms`.
     #[error("timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
-    /// The TCP connection could not be made (refused, unreachable).
-    #[error("connect error: {0}")]
-    Connect(String),
-    /// The connection failed mid-request (reset, closed early, bad response).
+    /// The request never reached the worker: connection refused, connect timeout, DNS
+    /// failure, TLS handshake failure, or a pooled connection that closed before the request
+    /// was written. It says the worker is not there, nothing about the message: not an
+    /// attempt, and the backend is marked unreachable (the rule of Dapr's app-health checks
+    /// and Envoy's `connect-failure` retry policy).
+    #[error("not delivered: {0}")]
+    NotDelivered(String),
+    /// The connection failed after the request was sent (reset, closed early, bad
+    /// response): the worker may have processed it.
     #[error("transport error: {0}")]
     Transport(String),
     /// The sidecar could not make the request for a reason of its own: out of file
@@ -116,8 +122,15 @@ impl BackendError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Timeout(_) | Self::Connect(_) | Self::Transport(_) | Self::Local(_) => true,
+            Self::Timeout(_) | Self::NotDelivered(_) | Self::Transport(_) | Self::Local(_) => true,
         }
+    }
+
+    /// True when the request never reached the worker ([`BackendError::NotDelivered`]): not
+    /// an attempt; the delivery goes to another backend, or waits for one.
+    #[must_use]
+    pub fn is_not_delivered(&self) -> bool {
+        matches!(self, Self::NotDelivered(_))
     }
 
     /// True when the request was never made for a reason of the sidecar's own
@@ -150,7 +163,7 @@ impl BackendError {
     pub fn outcome_label(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "timeout",
-            Self::Connect(_) => "connect_error",
+            Self::NotDelivered(_) => "connect_error",
             Self::Local(_) => "local_error",
             e if e.is_retryable() => "retryable",
             _ => "rejected",
@@ -195,6 +208,12 @@ impl Client {
         })
     }
 
+    /// The underlying reqwest client (for probes: same TLS, proxy and redirect settings).
+    #[must_use]
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// POSTs `body` with `headers` to `backend`, reads at most `backend.max_response_bytes`
     /// of the response, and records the request's metrics.
     ///
@@ -227,19 +246,7 @@ impl Client {
         body: Bytes,
     ) -> Result<StatusCode, BackendError> {
         let timeout = backend.timeout;
-        let map_err = |e: reqwest::Error| {
-            // The URL can hold credentials (`http://user:pass@...`); it is in the label anyway.
-            let e = e.without_url();
-            if is_local_resource_error(&e) {
-                BackendError::Local(error_chain(&e))
-            } else if e.is_timeout() {
-                BackendError::Timeout(timeout)
-            } else if e.is_connect() {
-                BackendError::Connect(error_chain(&e))
-            } else {
-                BackendError::Transport(error_chain(&e))
-            }
-        };
+        let map_err = |e: reqwest::Error| classify(e.without_url(), timeout);
         let mut response = self
             .http
             .post(backend.url.clone())
@@ -304,8 +311,62 @@ impl Client {
     }
 }
 
+/// Sorts a failed request into the kinds of [`BackendError`]. The URL must already be
+/// removed (it can hold credentials).
+///
+/// Connecting comes first: a connect timeout, a DNS failure and a TLS handshake failure are
+/// all connect errors in reqwest (the connector fails), so the request was never written.
+/// hyper reports a request it never sent on a connection that closed as "canceled". A TLS
+/// error later on (TLS 1.3 servers check a client certificate after the client's side of
+/// the handshake is done, and answer the request with an alert) also means the worker
+/// never saw the request: a TLS server hands nothing to the application before the session
+/// is up. Everything else after the connection was made may have reached the worker.
+fn classify(e: reqwest::Error, timeout: Duration) -> BackendError {
+    if is_local_resource_error(&e) {
+        BackendError::Local(error_chain(&e))
+    } else if e.is_connect() || never_sent(&e) || tls_failure(&e) {
+        BackendError::NotDelivered(error_chain(&e))
+    } else if e.is_timeout() {
+        BackendError::Timeout(timeout)
+    } else {
+        BackendError::Transport(error_chain(&e))
+    }
+}
+
+/// True when hyper says the request was canceled before it was sent (its connection closed
+/// first); hyper-util retries that once on a fresh connection when it can, so this is what
+/// is left when the retry failed too.
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_canceled()
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// True when a TLS error is in `e`'s chain. tokio-rustls wraps it in an `io::Error`, whose
+/// `source()` skips the wrapped error, so `get_ref()` is checked too.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let wrapped = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if err.is::<rustls::Error>() || wrapped.is_some_and(|w| w.is::<rustls::Error>()) {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// An error and its sources on one line (reqwest's Display hides the cause).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -343,9 +404,10 @@ mod tests {
         }
         assert!(BackendError::Timeout(Duration::from_secs(1)).is_retryable());
         assert_eq!(
-            BackendError::Connect("refused".into()).outcome_label(),
+            BackendError::NotDelivered("refused".into()).outcome_label(),
             "connect_error"
         );
+        assert!(BackendError::NotDelivered("refused".into()).is_not_delivered());
         assert_eq!(
             BackendError::Transport("reset".into()).outcome_label(),
             "retryable"
@@ -370,6 +432,140 @@ mod tests {
         for code in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT] {
             let e = Wrapper(std::io::Error::from_raw_os_error(code));
             assert!(!is_local_resource_error(&e), "errno {code}");
+        }
+    }
+
+    /// Real sockets, not mocks: each kind of failure produced by a server that behaves so.
+    mod with_real_sockets {
+        use std::net::SocketAddr;
+
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt},
+            net::{TcpListener, TcpStream},
+        };
+
+        use super::*;
+        use crate::config::BackendConfig;
+
+        async fn post(url: String, timeout_ms: u64) -> Result<StatusCode, BackendError> {
+            let client = Client::new(&BackendLimits::default(), 1).expect("client");
+            let backend = Backend::new(&BackendConfig {
+                timeout_ms,
+                ..BackendConfig::new(url)
+            })
+            .expect("backend");
+            client
+                .post(&backend, HeaderMap::new(), Bytes::from_static(b"hello"))
+                .await
+        }
+
+        /// A server that reads one whole request (headers and the 5-byte body), then runs
+        /// `then` on the connection.
+        async fn server<F, Fut>(then: F) -> SocketAddr
+        where
+            F: FnOnce(TcpStream) -> Fut + Send + 'static,
+            Fut: std::future::Future<Output = ()> + Send,
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.ends_with(b"hello") {
+                    let n = stream.read(&mut buf).await.expect("read");
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                then(stream).await;
+            });
+            addr
+        }
+
+        #[tokio::test]
+        async fn refused_is_not_delivered() {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port();
+            let e = post(format!("http://127.0.0.1:{port}/"), 2_000)
+                .await
+                .expect_err("refused");
+            assert!(e.is_not_delivered(), "{e}");
+            assert_eq!(e.outcome_label(), "connect_error");
+        }
+
+        #[tokio::test]
+        async fn dns_failure_is_not_delivered() {
+            let e = post("http://no-such-host.invalid/".into(), 2_000)
+                .await
+                .expect_err("no such host");
+            assert!(e.is_not_delivered(), "{e}");
+        }
+
+        #[tokio::test]
+        async fn a_failed_tls_handshake_is_not_delivered() {
+            // A plain-HTTP server behind an https:// URL: the handshake fails.
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+            let e = post(format!("https://{addr}/"), 2_000)
+                .await
+                .expect_err("not TLS");
+            assert!(e.is_not_delivered(), "{e}");
+        }
+
+        #[tokio::test]
+        async fn a_reset_after_the_request_was_written_may_have_been_processed() {
+            let addr = server(|stream| async move {
+                // RST instead of FIN.
+                let _ = stream.set_linger(Some(std::time::Duration::ZERO));
+                drop(stream);
+            })
+            .await;
+            let e = post(format!("http://{addr}/"), 2_000)
+                .await
+                .expect_err("reset");
+            assert!(matches!(e, BackendError::Transport(_)), "{e:?}");
+            assert!(e.is_retryable() && !e.is_not_delivered());
+        }
+
+        #[tokio::test]
+        async fn a_timeout_after_the_request_was_written_is_an_attempt() {
+            let addr = server(|stream| async move {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                drop(stream);
+            })
+            .await;
+            let e = post(format!("http://{addr}/"), 300)
+                .await
+                .expect_err("timeout");
+            assert!(matches!(e, BackendError::Timeout(_)), "{e:?}");
+            assert!(!e.is_not_delivered());
+        }
+
+        #[tokio::test]
+        async fn a_503_is_an_attempt() {
+            let addr = server(|mut stream| async move {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            })
+            .await;
+            let e = post(format!("http://{addr}/"), 2_000)
+                .await
+                .expect_err("503");
+            assert_eq!(e.status_code(), 503);
+            assert!(e.is_retryable() && !e.is_not_delivered());
         }
     }
 }

@@ -88,6 +88,9 @@ pub fn strategy(kind: BalancerKind) -> Box<dyn Balance> {
     }
 }
 
+/// `(index, healthy, unreachable reason)`: see [`Hooks::reachability`].
+pub type ReachabilityHook = Box<dyn Fn(usize, bool, Option<&str>) + Send + Sync>;
+
 /// Callbacks through which the pool publishes its state (metrics); they run under the pool
 /// lock, so they must be quick.
 pub struct Hooks {
@@ -95,6 +98,9 @@ pub struct Hooks {
     pub in_flight: Box<dyn Fn(usize, u32) + Send + Sync>,
     /// `(index, for)` when a backend is ejected.
     pub ejected: Box<dyn Fn(usize, Duration) + Send + Sync>,
+    /// `(index, healthy, unreachable)` when a backend's health flag or reachability
+    /// changes: the health gauge shows `healthy && unreachable.is_none()`.
+    pub reachability: ReachabilityHook,
 }
 
 impl Hooks {
@@ -104,8 +110,20 @@ impl Hooks {
         Self {
             in_flight: Box::new(|_, _| {}),
             ejected: Box::new(|_, _| {}),
+            reachability: Box::new(|_, _, _| {}),
         }
     }
+}
+
+/// Why a backend takes no requests now, for /readyz.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// A request to it was not delivered (the reason); it waits for a probe.
+    Unreachable(String),
+    /// It failed its active health checks.
+    Unhealthy,
+    /// Passively ejected after consecutive failures.
+    Ejected,
 }
 
 /// What one request's outcome says about its backend.
@@ -127,6 +145,9 @@ struct Ejection {
 struct State {
     loads: Vec<Load>,
     healthy: Vec<bool>,
+    /// `Some(reason)` while a backend is unreachable (a request to it was not delivered),
+    /// until a probe reaches it.
+    unreachable: Vec<Option<String>>,
     ejections: Vec<Ejection>,
     balancer: Box<dyn Balance>,
 }
@@ -135,7 +156,9 @@ impl State {
     /// Whether backend `i` may take requests at `now`. Pure: an ejection whose time is up
     /// counts as over even before [`State::expire`] clears it.
     fn usable_at(&self, i: usize, now: Instant) -> bool {
-        self.healthy[i] && self.ejections[i].until.is_none_or(|until| until <= now)
+        self.healthy[i]
+            && self.unreachable[i].is_none()
+            && self.ejections[i].until.is_none_or(|until| until <= now)
     }
 
     fn usable_count_at(&self, now: Instant) -> usize {
@@ -176,6 +199,8 @@ pub struct Pool {
     released: Notify,
     /// Signalled when an ejection starts, so the [`EjectionClock`] re-arms its timer.
     ejected: Notify,
+    /// Signalled when a backend turns unreachable, so the prober starts probing it.
+    unreachable: Notify,
     /// The number of usable backends, for readiness and pausing.
     usable: watch::Sender<usize>,
     ejection: EjectionConfig,
@@ -200,11 +225,13 @@ impl Pool {
             state: Mutex::new(State {
                 loads,
                 healthy: vec![true; n],
+                unreachable: vec![None; n],
                 ejections: vec![Ejection::default(); n],
                 balancer,
             }),
             released: Notify::new(),
             ejected: Notify::new(),
+            unreachable: Notify::new(),
             usable: watch::Sender::new(n),
             ejection,
             hooks,
@@ -356,7 +383,78 @@ impl Pool {
 
     /// Sets the health flag of backend `index` (from active health checks).
     pub fn set_healthy(&self, index: usize, healthy: bool) {
-        self.update(Instant::now(), |state| state.healthy[index] = healthy);
+        self.update(Instant::now(), |state| {
+            if state.healthy[index] != healthy {
+                state.healthy[index] = healthy;
+                (self.hooks.reachability)(index, healthy, state.unreachable[index].as_deref());
+            }
+        });
+    }
+
+    /// Marks backend `index` unreachable: a request to it was not delivered (`reason`). A
+    /// fact, not a judgement, so `ejection.max_percent` does not apply: a lone backend can
+    /// be unreachable. It takes no requests until [`Pool::reached`].
+    pub fn mark_unreachable(&self, index: usize, reason: &str) {
+        let newly = self.update(Instant::now(), |state| {
+            let newly = state.unreachable[index].is_none();
+            state.unreachable[index] = Some(reason.to_owned());
+            if newly {
+                (self.hooks.reachability)(index, state.healthy[index], Some(reason));
+            }
+            newly
+        });
+        if newly {
+            self.unreachable.notify_one();
+        }
+    }
+
+    /// A probe reached backend `index`: it takes requests again (unless unhealthy or
+    /// ejected).
+    pub fn reached(&self, index: usize) {
+        self.update(Instant::now(), |state| {
+            if state.unreachable[index].take().is_some() {
+                (self.hooks.reachability)(index, state.healthy[index], None);
+            }
+        });
+    }
+
+    /// The backends that are unreachable now, with the reason.
+    #[must_use]
+    pub fn unreachable_now(&self) -> Vec<(usize, String)> {
+        let state = self.lock();
+        state
+            .unreachable
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.clone().map(|r| (i, r)))
+            .collect()
+    }
+
+    /// Resolves when a backend turns unreachable (for the prober). A backend that turned
+    /// unreachable while nobody waited leaves a permit (`Notify::notify_one`), so a prober
+    /// that scans [`Pool::unreachable_now`] and then waits misses nothing.
+    pub async fn turned_unreachable(&self) {
+        self.unreachable.notified().await;
+    }
+
+    /// Why each backend that takes no requests now is out, for /readyz. Reads only.
+    #[must_use]
+    pub fn unusable_now(&self) -> Vec<(usize, Unusable)> {
+        let now = Instant::now();
+        let state = self.lock();
+        (0..state.loads.len())
+            .filter_map(|i| {
+                if let Some(r) = &state.unreachable[i] {
+                    Some((i, Unusable::Unreachable(r.clone())))
+                } else if !state.healthy[i] {
+                    Some((i, Unusable::Unhealthy))
+                } else if !state.usable_at(i, now) {
+                    Some((i, Unusable::Ejected))
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     /// Ends backend `index`'s ejection early (a probe found it answering while paused).
@@ -386,14 +484,18 @@ impl Pool {
         self.lock().usable_count_at(Instant::now())
     }
 
-    /// How many backends the recorded state has usable: healthy and not ejected, counting
+    /// How many backends the recorded state has usable: healthy, reachable and not ejected, counting
     /// an ejection as running until an update clears it. Every update publishes this count,
     /// so it always equals the value on [`Pool::usable`]; the pause guard checks that.
     #[must_use]
     pub fn usable_recorded(&self) -> usize {
         let state = self.lock();
         (0..state.loads.len())
-            .filter(|&i| state.healthy[i] && state.ejections[i].until.is_none())
+            .filter(|&i| {
+                state.healthy[i]
+                    && state.unreachable[i].is_none()
+                    && state.ejections[i].until.is_none()
+            })
             .count()
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod tls;
 
 use std::{
     net::SocketAddr,
@@ -310,6 +311,7 @@ pub struct WorkerBuilder {
     gate: Option<Arc<Gate>>,
     health: Arc<std::sync::atomic::AtomicU16>,
     addr: Option<SocketAddr>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Holds requests until opened.
@@ -361,6 +363,11 @@ impl WorkerBuilder {
         self.addr = Some(addr);
         self
     }
+    /// Serve HTTPS with `config` (see [`tls`]).
+    pub fn tls(mut self, config: Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
     /// Starts the worker on 127.0.0.1:0. Its connections are owned by the server task, so
     /// [`Worker::kill`] resets requests in flight, as a crashed process would.
     pub async fn spawn(self) -> Worker {
@@ -383,6 +390,7 @@ impl WorkerBuilder {
                 }),
             )
             .with_state(app_state);
+        let acceptor = self.tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -390,10 +398,24 @@ impl WorkerBuilder {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                        let acceptor = acceptor.clone();
                         conns.spawn(async move {
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                                .await;
+                            let http = hyper::server::conn::http1::Builder::new();
+                            match acceptor {
+                                // A failed handshake just drops the connection.
+                                Some(acceptor) => {
+                                    if let Ok(tls) = acceptor.accept(stream).await {
+                                        let _ = http
+                                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                            .await;
+                                    }
+                                }
+                                None => {
+                                    let _ = http
+                                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                        .await;
+                                }
+                            }
                         });
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -494,6 +516,7 @@ impl Worker {
             gate: None,
             health: Arc::new(std::sync::atomic::AtomicU16::new(200)),
             addr: None,
+            tls: None,
         }
     }
     pub fn url(&self) -> String {
