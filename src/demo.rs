@@ -6,8 +6,12 @@
 //! 2. Publishes a batch of persistent messages to a fresh quorum queue on the local broker.
 //!    About 1% of them are answered 422 by every worker (dead-lettered as `rejected`) and
 //!    about 0.4% get 500 from every worker (dead-lettered as `retries_exhausted`).
-//! 3. Runs the sidecar in-process on them and prints what happened: requests per backend,
-//!    retries, dead-letters by reason, and msg/s. Then deletes the demo queues.
+//! 3. Runs the sidecar in-process on them. A third of the way through, the `medium` worker
+//!    restarts: it stops listening (its connections are cut) for a second, as a container
+//!    restart would. Requests it refuses are not attempts, so the restart dead-letters
+//!    nothing.
+//! 4. Prints what happened: requests per backend, retries, dead-letters by reason (only the
+//!    planted ones), the restart, and msg/s. Then deletes the demo queues.
 
 use std::{
     collections::HashSet,
@@ -105,15 +109,38 @@ async fn work(State(w): State<Arc<Worker>>, headers: HeaderMap, body: Bytes) -> 
     status
 }
 
-async fn serve(worker: Arc<Worker>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// Serves `worker` on `addr` (port 0 for any). Aborting the returned task stops it the way
+/// a killed process stops: the listener closes and every open connection is cut (they are
+/// owned by the task, which `axum::serve` would not do).
+async fn serve(
+    worker: Arc<Worker>,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let app = Router::new().route("/", post(work)).with_state(worker);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    conns.spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
     });
-    Ok(addr)
+    Ok((addr, task))
 }
+
+/// How long the `medium` worker stays down when it restarts.
+const RESTART_DOWNTIME: Duration = Duration::from_secs(1);
 
 /// Runs the demo.
 ///
@@ -138,6 +165,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ];
     let mut workers = Vec::new();
     let mut backends = Vec::new();
+    let mut servers = Vec::new();
     for (name, ms, capacity, failure_rate) in spec {
         let w = Arc::new(Worker {
             name,
@@ -151,7 +179,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             max_in_flight: AtomicUsize::new(0),
             succeeded: Arc::clone(&succeeded),
         });
-        let addr = serve(Arc::clone(&w)).await?;
+        let (addr, server) = serve(Arc::clone(&w), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        servers.push((addr, server));
         backends.push(BackendConfig {
             name: Some(name.to_owned()),
             max_in_flight: capacity,
@@ -222,6 +251,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let total = u64::from(args.messages);
     let deadline = Instant::now() + Duration::from_secs(300);
     let (mut done_ok, mut dead) = (0u64, 0u64);
+    let mut restart: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     while Instant::now() < deadline {
         done_ok = succeeded
             .lock()
@@ -242,7 +272,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         if done_ok + dead >= total {
             break;
         }
+        if restart.is_none() && done_ok >= total / 3 {
+            // The `medium` worker restarts: down for a second, then back on its port.
+            let (addr, server) = &servers[1];
+            let (addr, medium) = (*addr, Arc::clone(&workers[1]));
+            server.abort();
+            println!(
+                "restarting worker {} ({} of {total} done): down for {} s ...",
+                medium.name,
+                done_ok,
+                RESTART_DOWNTIME.as_secs_f64()
+            );
+            restart = Some(tokio::spawn(async move {
+                tokio::time::sleep(RESTART_DOWNTIME).await;
+                let (_, server) = serve(medium, addr).await?;
+                // Runs until the process exits, like the other workers.
+                drop(server);
+                Ok(())
+            }));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(restart) = restart {
+        restart.await??;
     }
     let elapsed = started.elapsed();
     stop.cancel();
@@ -303,6 +355,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "lost            {:>8}",
         total.saturating_sub(done_ok + dead)
+    );
+    let planted = u64::from(rejected + exhausted);
+    println!(
+        "worker restart  {:>8}  requests to medium not delivered (refused while it restarted; not attempts); dead-lettered by the restart: {}",
+        metric_value(
+            &text,
+            "amqp_sidecar_backend_requests_total",
+            "backend=\"medium\"",
+            "outcome=\"connect_error\""
+        ),
+        dead.saturating_sub(planted)
     );
     println!(
         "elapsed         {:>7.2}s  ({:.0} msg/s)",
