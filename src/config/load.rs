@@ -1,0 +1,348 @@
+//! Loading: the figment stack (defaults, YAML file, environment), the source of each
+//! value, the extraction that reports every type error, and the redaction helpers.
+
+use std::{fmt, path::Path};
+
+use figment::{
+    Figment, Metadata, Profile, Provider,
+    providers::{Env, Format, Serialized, Yaml},
+    value::{Dict, Map, Value},
+};
+use serde::{Deserialize, Deserializer};
+
+use super::{Config, ConfigError, ConfigIssue, ENV_BACKENDS, ENV_CONFIG_FILE, ENV_PREFIX};
+
+/// A figment provider for the `AMQP_SIDECAR_BACKENDS=url,url` shorthand.
+///
+/// Written by hand because figment's `Env` parses `a,b` as a map, not a list.
+struct BackendsShorthand(String);
+
+impl Provider for BackendsShorthand {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("env {ENV_BACKENDS}"))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let list: Vec<Value> = self
+            .0
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|url| {
+                let mut d = Dict::new();
+                d.insert("url".into(), Value::from(url.to_owned()));
+                Value::from(d)
+            })
+            .collect();
+        let mut dict = Dict::new();
+        dict.insert("backends".into(), Value::from(list));
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// The figment stack: defaults, then the YAML file (if any), then the environment.
+fn figment(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Figment {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        fig = fig.merge(Yaml::file_exact(path));
+    }
+    fig = fig.merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .ignore(&["CONFIG", "BACKENDS"]),
+    );
+    if let Some(list) = env(ENV_BACKENDS) {
+        fig = fig.merge(BackendsShorthand(list));
+    }
+    fig
+}
+
+/// Human-readable source of a value, from figment's metadata.
+fn describe_source(md: Option<&Metadata>, path: &[String]) -> String {
+    let Some(md) = md else {
+        return "unknown source".to_owned();
+    };
+    if let Some(file) = md.source.as_ref().and_then(|s| s.file_path()) {
+        return format!("file {}", file.display());
+    }
+    if md.name.contains(ENV_BACKENDS) {
+        return format!("env {ENV_BACKENDS}");
+    }
+    if md.name.contains("environment") {
+        let var: Vec<String> = path.iter().map(|p| p.to_ascii_uppercase()).collect();
+        return format!("env {ENV_PREFIX}{}", var.join("__"));
+    }
+    if md.name.contains("Serialized")
+        || md
+            .source
+            .as_ref()
+            .is_some_and(|s| s.code_location().is_some())
+    {
+        return "default".to_owned();
+    }
+    md.name.to_string()
+}
+
+/// Formats a key path such as `["backends", "1", "url"]` as `backends[1].url`.
+fn format_key(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if part.chars().all(|c| c.is_ascii_digit()) && !out.is_empty() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    if out.is_empty() {
+        "(root)".to_owned()
+    } else {
+        out
+    }
+}
+
+/// Most type errors reported from one configuration; a guard against a loop, far above
+/// what a real file has.
+const MAX_TYPE_ERRORS: usize = 64;
+
+/// The source of `path`'s value: figment finds no metadata for list elements
+/// (`backends.1.url`), so the nearest parent that has some is used.
+fn source_of(fig: &Figment, path: &[String]) -> String {
+    let md = (1..=path.len())
+        .rev()
+        .find_map(|n| fig.find_metadata(&path[..n].join(".")));
+    describe_source(md, path)
+}
+
+/// Extracts the configuration, reporting every wrong type and unknown key, not only the
+/// first. serde stops at the first error, so after each one the offending key is removed
+/// from the merged values (it falls back to its default) and extraction runs again; each
+/// error's source comes from the original figment's metadata.
+fn extract_all(fig: &Figment) -> Result<Config, ConfigError> {
+    let first = match fig.extract::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    let issue = |e: &figment::error::Error, path: &[String]| {
+        let message = match &e.kind {
+            figment::error::Kind::Message(m)
+                if m.contains("No such file") || m.contains("os error") =>
+            {
+                format!("cannot read config file: {m}")
+            }
+            kind => kind.to_string(),
+        };
+        ConfigIssue {
+            key: format_key(path),
+            source: source_of(fig, path),
+            message,
+        }
+    };
+    let mut issues = Vec::new();
+    // A file that cannot be read or parsed gives no values to go on with.
+    let Ok(mut values) = fig.extract::<Value>() else {
+        issues.extend(first.into_iter().map(|e| issue(&e, &e.path)));
+        return Err(ConfigError { issues });
+    };
+    let mut errors = first;
+    for _ in 0..MAX_TYPE_ERRORS {
+        let mut removed = false;
+        for e in errors {
+            // figment's path names the key itself, unknown keys included.
+            issues.push(issue(&e, &e.path));
+            removed |= remove_path(&mut values, &e.path);
+        }
+        if !removed {
+            break;
+        }
+        match values.deserialize::<Config>() {
+            Ok(_) => break,
+            Err(e) => errors = e,
+        }
+    }
+    Err(ConfigError { issues })
+}
+
+/// Removes the value at `path` (dict keys and list indices); true if there was one.
+fn remove_path(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for part in parents {
+        at = match at {
+            Value::Dict(_, dict) => match dict.get_mut(part) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(_, list) => match part.parse::<usize>().ok().and_then(|i| list.get_mut(i))
+            {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match at {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        Value::Array(_, list) => match last.parse::<usize>() {
+            // Replaced, not removed, so the later indices keep their meaning.
+            Ok(i) if i < list.len() => {
+                list[i] = Value::from(Dict::new());
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+impl Config {
+    /// Loads the configuration from its sources and validates it.
+    ///
+    /// `file` is the YAML file (from `--config`); when `None`, `AMQP_SIDECAR_CONFIG` is used
+    /// if set. The environment is read from the process.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] listing every problem: unreadable file, bad YAML, unknown keys,
+    /// wrong types, and everything [`Config::validate`] rejects.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with(file, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with an injected environment lookup (for `AMQP_SIDECAR_CONFIG` and
+    /// `AMQP_SIDECAR_BACKENDS`). The `AMQP_SIDECAR_<SECTION>__<KEY>` variables are still
+    /// read from the process by figment.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let env_file = env(ENV_CONFIG_FILE).filter(|s| !s.is_empty());
+        let (file, named_by) = match (file, env_file) {
+            (Some(f), _) => (Some(f.to_path_buf()), "--config"),
+            (None, Some(f)) => (Some(f.into()), ENV_CONFIG_FILE),
+            (None, None) => (None, ""),
+        };
+        if let Some(path) = &file
+            && !path.is_file()
+        {
+            return Err(ConfigError {
+                issues: vec![ConfigIssue {
+                    key: named_by.to_owned(),
+                    source: if named_by == "--config" {
+                        "command line".into()
+                    } else {
+                        format!("env {ENV_CONFIG_FILE}")
+                    },
+                    message: format!(
+                        "config file {} does not exist or is not a file",
+                        path.display()
+                    ),
+                }],
+            });
+        }
+        let fig = figment(file.as_deref(), env);
+        let config = extract_all(&fig)?;
+        config.validate_with(&|key: &str| {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            source_of(&fig, &path)
+        })
+    }
+
+    /// The effective configuration as JSON, with the broker password and every backend
+    /// URL's password replaced by `***`.
+    #[must_use]
+    pub fn redacted_json(&self) -> String {
+        let mut copy = self.clone();
+        copy.amqp.url = redact_url(&copy.amqp.url);
+        for b in &mut copy.backends {
+            b.url = redact_url(&b.url);
+        }
+        serde_json::to_string_pretty(&copy).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+/// Returns `url` with its password (if any) replaced by `***`. Never fails: a string that
+/// does not parse as a URL is replaced entirely, since it could hold anything.
+///
+/// ```
+/// use amqp_sidecar::config::redact_url;
+/// assert_eq!(redact_url("amqp://app:s3cret@rabbit:5672/%2f"), "amqp://app:***@rabbit:5672/%2f");
+/// assert_eq!(redact_url("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
+/// assert_eq!(redact_url("not a url"), "<unparseable URL, redacted>");
+/// ```
+#[must_use]
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL, redacted>".to_owned(),
+    }
+}
+
+/// Accepts a string, or a number or boolean (figment parses env values such as `12345` as
+/// numbers), for a `String` field.
+pub(super) fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_char<E: serde::de::Error>(self, v: char) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// [`string_like`] for an optional field.
+pub(super) fn opt_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "string_like")] String);
+    Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::valid;
+
+    #[test]
+    fn redacts_password() {
+        let r = redact_url("amqp://user:s3cret@host:5672/%2f");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert!(r.contains("***"), "{r}");
+        let mut c = valid();
+        c.amqp.url = "amqps://u:topsecret@h/%2f".into();
+        assert!(!c.redacted_json().contains("topsecret"));
+        assert!(!format!("{c:?}").contains("topsecret"));
+    }
+}
