@@ -5,7 +5,8 @@ use std::{fmt, path::Path};
 
 use figment::{
     Figment, Metadata, Profile, Provider,
-    providers::{Env, Format, Serialized, Yaml},
+    providers::{Format, Serialized, Yaml},
+    util::nest,
     value::{Dict, Map, Value},
 };
 use serde::{Deserialize, Deserializer};
@@ -40,19 +41,110 @@ impl Provider for BackendsShorthand {
     }
 }
 
+/// The environment a configuration is loaded from: `(name, value)` pairs, in order.
+struct Environment(Vec<(String, String)>);
+
+impl Environment {
+    /// The process environment. Names and values that are not UTF-8 are converted lossily,
+    /// as figment's `Env` does, except the values of `AMQP_SIDECAR_CONFIG` and
+    /// `AMQP_SIDECAR_BACKENDS`, which count as unset then (as with `std::env::var`).
+    fn from_process() -> Self {
+        let vars = std::env::vars_os().filter_map(|(name, value)| {
+            let name = name.to_string_lossy().into_owned();
+            let value = if name == ENV_CONFIG_FILE || name == ENV_BACKENDS {
+                value.into_string().ok()?
+            } else {
+                value.to_string_lossy().into_owned()
+            };
+            Some((name, value))
+        });
+        Self(vars.collect())
+    }
+
+    /// The value of the variable named exactly `name` (the last one if it repeats).
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The `AMQP_SIDECAR_<SECTION>__<KEY>` variables of an [`Environment`], as a figment
+/// provider. It gives what `Env::prefixed(ENV_PREFIX).split("__").ignore(&["CONFIG",
+/// "BACKENDS"])` gives (with the same metadata), but figment's `Env` can only read the
+/// process environment.
+struct PrefixedEnv<'a>(&'a Environment);
+
+impl Provider for PrefixedEnv<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("`{ENV_PREFIX}` environment variable(s)")).interpolater(
+            |_: &Profile, k: &[&str]| {
+                let keys: Vec<_> = k.iter().map(|k| k.to_ascii_uppercase()).collect();
+                keys.join(".")
+            },
+        )
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (name, value) in &self.0.0 {
+            // As `Env`: the prefix and the ignored names match in any case.
+            let name = name.trim();
+            let Some(rest) = name
+                .get(..ENV_PREFIX.len())
+                .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                .map(|_| &name[ENV_PREFIX.len()..])
+            else {
+                continue;
+            };
+            let key = rest.replace("__", ".");
+            if ["CONFIG", "BACKENDS"]
+                .iter()
+                .any(|k| k.eq_ignore_ascii_case(&key))
+            {
+                continue;
+            }
+            let key = key.trim();
+            if key.split('.').any(str::is_empty) {
+                continue;
+            }
+            let Ok(value) = value.parse::<Value>();
+            merge_dict(
+                &mut dict,
+                nest(&key.to_ascii_lowercase(), value)
+                    .into_dict()
+                    .expect("a non-empty key nests into a dict"),
+            );
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Merges `from` into `into`, as figment merges: dicts key by key, anything else replaced.
+fn merge_dict(into: &mut Dict, from: Dict) {
+    for (key, value) in from {
+        let value = match (into.get_mut(&key), value) {
+            (Some(Value::Dict(_, a)), Value::Dict(_, b)) => {
+                merge_dict(a, b);
+                continue;
+            }
+            (_, value) => value,
+        };
+        into.insert(key, value);
+    }
+}
+
 /// The figment stack: defaults, then the YAML file (if any), then the environment.
-fn figment(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Figment {
+fn figment(file: Option<&Path>, env: &Environment) -> Figment {
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
     if let Some(path) = file {
         fig = fig.merge(Yaml::file_exact(path));
     }
-    fig = fig.merge(
-        Env::prefixed(ENV_PREFIX)
-            .split("__")
-            .ignore(&["CONFIG", "BACKENDS"]),
-    );
-    if let Some(list) = env(ENV_BACKENDS) {
-        fig = fig.merge(BackendsShorthand(list));
+    fig = fig.merge(PrefixedEnv(env));
+    if let Some(list) = env.get(ENV_BACKENDS) {
+        fig = fig.merge(BackendsShorthand(list.to_owned()));
     }
     fig
 }
@@ -209,20 +301,38 @@ impl Config {
     /// A [`ConfigError`] listing every problem: unreadable file, bad YAML, unknown keys,
     /// wrong types, and everything [`Config::validate`] rejects.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with(file, &|k| std::env::var(k).ok())
+        Self::load_from(file, &Environment::from_process())
     }
 
-    /// [`Config::load`] with an injected environment lookup (for `AMQP_SIDECAR_CONFIG` and
-    /// `AMQP_SIDECAR_BACKENDS`). The `AMQP_SIDECAR_<SECTION>__<KEY>` variables are still
-    /// read from the process by figment.
+    /// [`Config::load`] with the environment given as `(name, value)` pairs instead of read
+    /// from the process: `AMQP_SIDECAR_CONFIG`, `AMQP_SIDECAR_BACKENDS` and every
+    /// `AMQP_SIDECAR_<SECTION>__<KEY>` variable come from `env` alone.
+    ///
+    /// ```
+    /// use amqp_sidecar::config::Config;
+    /// let config = Config::load_with(
+    ///     None,
+    ///     [
+    ///         ("AMQP_SIDECAR_AMQP__QUEUE", "orders"),
+    ///         ("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/"),
+    ///     ],
+    /// )
+    /// .expect("valid");
+    /// assert_eq!(config.amqp.queue, "orders");
+    /// ```
     ///
     /// # Errors
     /// As [`Config::load`].
-    pub fn load_with(
+    pub fn load_with<K: Into<String>, V: Into<String>>(
         file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Config, ConfigError> {
-        let env_file = env(ENV_CONFIG_FILE).filter(|s| !s.is_empty());
+        let vars = env.into_iter().map(|(k, v)| (k.into(), v.into()));
+        Self::load_from(file, &Environment(vars.collect()))
+    }
+
+    fn load_from(file: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+        let env_file = env.get(ENV_CONFIG_FILE).filter(|s| !s.is_empty());
         let (file, named_by) = match (file, env_file) {
             (Some(f), _) => (Some(f.to_path_buf()), "--config"),
             (None, Some(f)) => (Some(f.into()), ENV_CONFIG_FILE),
@@ -333,7 +443,7 @@ pub(super) fn opt_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::valid;
+    use crate::config::tests::{temp_yaml, valid};
 
     #[test]
     fn redacts_password() {
@@ -344,5 +454,156 @@ mod tests {
         c.amqp.url = "amqps://u:topsecret@h/%2f".into();
         assert!(!c.redacted_json().contains("topsecret"));
         assert!(!format!("{c:?}").contains("topsecret"));
+    }
+
+    /// `(key, source)` of each issue.
+    fn issues(e: &ConfigError) -> Vec<(&str, &str)> {
+        e.issues
+            .iter()
+            .map(|i| (i.key.as_str(), i.source.as_str()))
+            .collect()
+    }
+
+    const QUEUE: (&str, &str) = ("AMQP_SIDECAR_AMQP__QUEUE", "orders");
+    const BACKENDS: (&str, &str) = ("AMQP_SIDECAR_BACKENDS", "http://127.0.0.1:8080/");
+
+    #[test]
+    fn the_injected_environment_is_the_whole_environment() {
+        let config = Config::load_with(None, [QUEUE, BACKENDS]).expect("valid");
+        assert_eq!(config.amqp.queue, "orders");
+        let none: [(&str, &str); 0] = [];
+        let err = Config::load_with(None, none).expect_err("no queue, no backends");
+        assert_eq!(
+            issues(&err),
+            [("amqp.queue", "default"), ("backends", "default")]
+        );
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_key_and_the_variable() {
+        let err = Config::load_with(
+            None,
+            [QUEUE, BACKENDS, ("AMQP_SIDECAR_AMQP__PREFETCH", "0")],
+        )
+        .expect_err("prefetch 0");
+        assert_eq!(
+            issues(&err),
+            [("amqp.prefetch", "env AMQP_SIDECAR_AMQP__PREFETCH")]
+        );
+        assert!(
+            err.to_string().contains(
+                "amqp.prefetch (from env AMQP_SIDECAR_AMQP__PREFETCH): must be at least 1"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_type_errors_and_unknown_keys_are_all_reported() {
+        let err = Config::load_with(
+            None,
+            [
+                QUEUE,
+                BACKENDS,
+                ("AMQP_SIDECAR_RETRY__MAX_ATTEMPTS", "five"),
+                ("AMQP_SIDECAR_AMQP__COLOUR", "blue"),
+            ],
+        )
+        .expect_err("rejected");
+        assert_eq!(
+            issues(&err),
+            [
+                ("amqp.colour", "env AMQP_SIDECAR_AMQP__COLOUR"),
+                ("retry.max_attempts", "env AMQP_SIDECAR_RETRY__MAX_ATTEMPTS"),
+            ]
+        );
+        assert!(err.issues[1].message.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn env_names_match_figment_env() {
+        let config = Config::load_with(
+            None,
+            [
+                ("amqp_sidecar_amqp__queue", "12345"),
+                ("AMQP_SIDECAR_AMQP__PREFETCH", "7"),
+                ("AMQP_SIDECAR_RETRY__BACKOFF_MULTIPLIER", "1.5"),
+                ("AMQP_SIDECAR_AMQP____DECLARE", "false"),
+                ("OTHER_AMQP__PREFETCH", "9"),
+                BACKENDS,
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            config.amqp.queue, "12345",
+            "any case; a number for a string"
+        );
+        assert_eq!(config.amqp.prefetch, 7);
+        assert_eq!(config.retry.backoff_multiplier, 1.5);
+        assert!(config.amqp.declare, "an empty key segment is skipped");
+    }
+
+    #[test]
+    fn the_backends_shorthand_replaces_the_files_backends() {
+        let file = temp_yaml(
+            "amqp:\n  queue: orders\n  prefetch: 4\nbackends:\n  - url: http://127.0.0.1:9000/\n    max_in_flight: 8\n",
+        );
+        let config = Config::load_with(
+            Some(&file),
+            [(
+                "AMQP_SIDECAR_BACKENDS",
+                "http://127.0.0.1:8080/a, ,http://worker:pw@127.0.0.1:8081/b",
+            )],
+        )
+        .expect("valid");
+        let urls: Vec<_> = config.backends.iter().map(|b| b.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "http://127.0.0.1:8080/a",
+                "http://worker:pw@127.0.0.1:8081/b"
+            ]
+        );
+        assert_eq!(
+            config.backends[0].max_in_flight, 1,
+            "each gets the defaults"
+        );
+        assert_eq!(
+            config.amqp.prefetch, 4,
+            "the rest of the file still applies"
+        );
+
+        let err = Config::load_with(
+            Some(&file),
+            [
+                ("AMQP_SIDECAR_BACKENDS", "ftp://127.0.0.1/"),
+                ("AMQP_SIDECAR_AMQP__PREFETCH", "0"),
+            ],
+        )
+        .expect_err("rejected");
+        assert_eq!(
+            issues(&err),
+            [
+                ("amqp.prefetch", "env AMQP_SIDECAR_AMQP__PREFETCH"),
+                ("backends[0].url", "env AMQP_SIDECAR_BACKENDS"),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(file.parent().expect("dir"));
+    }
+
+    #[test]
+    fn the_config_file_can_be_named_by_the_injected_environment() {
+        let file = temp_yaml("amqp:\n  queue: from-file\n");
+        let path = file.display().to_string();
+        let config = Config::load_with(None, [("AMQP_SIDECAR_CONFIG", path.as_str()), BACKENDS])
+            .expect("valid");
+        assert_eq!(config.amqp.queue, "from-file");
+        let _ = std::fs::remove_dir_all(file.parent().expect("dir"));
+        let err =
+            Config::load_with(None, [("AMQP_SIDECAR_CONFIG", path.as_str())]).expect_err("gone");
+        assert_eq!(
+            issues(&err),
+            [("AMQP_SIDECAR_CONFIG", "env AMQP_SIDECAR_CONFIG")]
+        );
     }
 }

@@ -612,6 +612,18 @@ mod tests {
         c
     }
 
+    /// Writes `yaml` to a new file in a fresh temporary directory and returns its path.
+    pub(super) fn temp_yaml(yaml: &str) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("amqp-sidecar-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("sidecar.yaml");
+        std::fs::write(&file, yaml).expect("write");
+        file
+    }
+
     #[test]
     fn consumers_default_to_total_capacity() {
         let mut c = valid();
