@@ -199,20 +199,48 @@ fn format_key(path: &[String]) -> String {
 /// what a real file has.
 const MAX_TYPE_ERRORS: usize = 64;
 
-/// The source of `path`'s value: figment finds no metadata for list elements
-/// (`backends.1.url`), so the nearest parent that has some is used.
-fn source_of(fig: &Figment, path: &[String]) -> String {
-    let md = (1..=path.len())
-        .rev()
-        .find_map(|n| fig.find_metadata(&path[..n].join(".")));
-    describe_source(md, path)
+/// Where each value of a figment came from.
+struct Sources<'a> {
+    fig: &'a Figment,
+    /// The merged values, each tagged with its provider; `None` when there are none (a
+    /// file that cannot be read or parsed).
+    values: Option<Value>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(fig: &'a Figment) -> Self {
+        Self {
+            fig,
+            values: fig.find_value("").ok(),
+        }
+    }
+
+    /// The source of the value at `path`, exactly (list elements included, such as
+    /// `backends.1.health.interval_ms`, which figment's `find_metadata` does not reach),
+    /// or else of its nearest parent that has a value.
+    fn of(&self, path: &[String]) -> String {
+        let md = (1..=path.len()).rev().find_map(|n| {
+            let value = find(self.values.as_ref()?, &path[..n])?;
+            self.fig.get_metadata(value.tag())
+        });
+        describe_source(md, path)
+    }
+}
+
+/// The value at `path` (dict keys and list indices).
+fn find<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(value, |at, part| match at {
+        Value::Dict(_, dict) => dict.get(part),
+        Value::Array(_, list) => list.get(part.parse::<usize>().ok()?),
+        _ => None,
+    })
 }
 
 /// Extracts the configuration, reporting every wrong type and unknown key, not only the
 /// first. serde stops at the first error, so after each one the offending key is removed
 /// from the merged values (it falls back to its default) and extraction runs again; each
 /// error's source comes from the original figment's metadata.
-fn extract_all(fig: &Figment) -> Result<Config, ConfigError> {
+fn extract_all(fig: &Figment, sources: &Sources<'_>) -> Result<Config, ConfigError> {
     let first = match fig.extract::<Config>() {
         Ok(config) => return Ok(config),
         Err(e) => e,
@@ -228,7 +256,7 @@ fn extract_all(fig: &Figment) -> Result<Config, ConfigError> {
         };
         ConfigIssue {
             key: format_key(path),
-            source: source_of(fig, path),
+            source: sources.of(path),
             message,
         }
     };
@@ -357,10 +385,11 @@ impl Config {
             });
         }
         let fig = figment(file.as_deref(), env);
-        let config = extract_all(&fig)?;
+        let sources = Sources::new(&fig);
+        let config = extract_all(&fig, &sources)?;
         config.validate_with(&|key: &str| {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            source_of(&fig, &path)
+            sources.of(&path)
         })
     }
 

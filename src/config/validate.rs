@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::{Config, ConfigError, ConfigIssue, redact_url};
+use super::{Config, ConfigError, ConfigIssue, HealthOverride, redact_url};
 
 impl Config {
     /// Checks values that parse but make no sense, and reports all of them at once.
@@ -120,9 +120,11 @@ impl Config {
                 );
             }
             if !labels.insert(b.label()) {
+                // The label is the name, or derived from the URL when there is none.
+                let from = if b.name.is_some() { "name" } else { "url" };
                 bad(
                     key("name"),
-                    &lookup("url"),
+                    &lookup(from),
                     format!(
                         "two backends share the label {:?}; give them distinct `name`s",
                         b.label()
@@ -192,22 +194,35 @@ impl Config {
             let Some(h) = self.health_check(i) else {
                 continue;
             };
-            let prefix = if self.backends[i].health.is_some() {
+            let over = self.backends[i].health.as_ref();
+            let prefix = if over.is_some() {
                 format!("backends[{i}].health")
             } else {
                 "health".to_owned()
             };
+            // The source of a check is that of the value it found wrong: the backend's
+            // override when it sets one of `fields` (the first), else the top-level key.
+            let lookup = |fields: &[&str]| match fields.iter().find(|f| overrides(over, f)) {
+                Some(field) => format!("backends.{i}.health.{field}"),
+                None => format!("health.{}", fields[0]),
+            };
             if !h.path.starts_with('/') {
                 bad(
                     format!("{prefix}.path"),
-                    "health.path",
+                    &lookup(&["path"]),
                     format!("must start with '/', got {:?}", h.path),
                 );
             }
             if h.interval_ms == 0 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+                let wrong: &[&str] = match (h.interval_ms, h.timeout_ms) {
+                    (0, 0) => &["timeout_ms", "interval_ms"],
+                    (0, _) => &["interval_ms"],
+                    (_, 0) => &["timeout_ms"],
+                    _ => &["timeout_ms", "interval_ms"],
+                };
                 bad(
                     format!("{prefix}.timeout_ms"),
-                    "health.timeout_ms",
+                    &lookup(wrong),
                     format!(
                         "interval_ms ({}) and timeout_ms ({}) must be ≥ 1, with timeout_ms ≤ interval_ms",
                         h.interval_ms, h.timeout_ms
@@ -215,9 +230,14 @@ impl Config {
                 );
             }
             if h.unhealthy_threshold == 0 || h.healthy_threshold == 0 {
+                let wrong: &[&str] = match (h.unhealthy_threshold, h.healthy_threshold) {
+                    (0, 0) => &["unhealthy_threshold", "healthy_threshold"],
+                    (0, _) => &["unhealthy_threshold"],
+                    _ => &["healthy_threshold"],
+                };
                 bad(
                     format!("{prefix}.unhealthy_threshold"),
-                    "health.unhealthy_threshold",
+                    &lookup(wrong),
                     "unhealthy_threshold and healthy_threshold must be ≥ 1".into(),
                 );
             }
@@ -289,10 +309,25 @@ impl Config {
     }
 }
 
+/// Whether a backend's `health:` override sets `field`.
+fn overrides(over: Option<&HealthOverride>, field: &str) -> bool {
+    over.is_some_and(|o| match field {
+        "path" => o.path.is_some(),
+        "interval_ms" => o.interval_ms.is_some(),
+        "timeout_ms" => o.timeout_ms.is_some(),
+        "unhealthy_threshold" => o.unhealthy_threshold.is_some(),
+        "healthy_threshold" => o.healthy_threshold.is_some(),
+        _ => false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, HealthOverride, tests::valid};
+    use crate::config::{
+        BackendConfig,
+        tests::{temp_yaml, valid},
+    };
 
     fn keys(c: Config) -> Vec<String> {
         c.validate()
@@ -397,5 +432,45 @@ mod tests {
         );
         c.health.path = Some("healthz".into());
         assert_eq!(keys(c), ["health.path"]);
+    }
+
+    /// `(key, source)` of each issue of a configuration loaded from `yaml` and `env`, and
+    /// the file's source name.
+    fn sources(yaml: &str, env: &[(&str, &str)]) -> (String, Vec<(String, String)>) {
+        let file = temp_yaml(yaml);
+        let err = Config::load_with(Some(&file), env.iter().copied()).expect_err("rejected");
+        let _ = std::fs::remove_dir_all(file.parent().expect("dir"));
+        let issues = err.issues.into_iter().map(|i| (i.key, i.source)).collect();
+        (format!("file {}", file.display()), issues)
+    }
+
+    /// A bad per-backend `health:` override written in the file names the file as its
+    /// source, although the top-level `health:` comes from the defaults. (Each was looked
+    /// up at the top-level key, and reported `default`.)
+    #[test]
+    fn a_bad_health_override_names_the_file_it_came_from() {
+        let (file, got) = sources(
+            "amqp:\n  queue: orders\nbackends:\n  - url: http://127.0.0.1:8080/\n    health:\n      path: ready\n      timeout_ms: 0\n      unhealthy_threshold: 0\n",
+            &[],
+        );
+        let want: Vec<(String, String)> = ["path", "timeout_ms", "unhealthy_threshold"]
+            .into_iter()
+            .map(|k| (format!("backends[0].health.{k}"), file.clone()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    /// A health check's source is that of the value found wrong: the override when it sets
+    /// it, else the top-level key (here from the environment).
+    #[test]
+    fn a_health_issue_names_the_source_of_the_wrong_value() {
+        let yaml = "amqp:\n  queue: orders\nbackends:\n  - url: http://127.0.0.1:8080/\n    health:\n      path: /ready\n";
+        let (_, got) = sources(yaml, &[("AMQP_SIDECAR_HEALTH__TIMEOUT_MS", "9000")]);
+        let env = "env AMQP_SIDECAR_HEALTH__TIMEOUT_MS".to_owned();
+        assert_eq!(got, [("backends[0].health.timeout_ms".to_owned(), env)]);
+
+        let yaml = format!("{yaml}      interval_ms: 0\n");
+        let (file, got) = sources(&yaml, &[("AMQP_SIDECAR_HEALTH__TIMEOUT_MS", "500")]);
+        assert_eq!(got, [("backends[0].health.timeout_ms".to_owned(), file)]);
     }
 }
