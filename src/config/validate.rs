@@ -13,17 +13,23 @@ impl Config {
         self.validate_with(&|_| "config".to_owned())
     }
 
+    /// [`Config::validate`], with the source of each issue given by `source_of` for the
+    /// dotted path of the value found wrong (`backends.1.health.interval_ms`).
     pub(super) fn validate_with(
         self,
         source_of: &dyn Fn(&str) -> String,
     ) -> Result<Config, ConfigError> {
         let mut issues = Vec::new();
         let mut bad = |key: String, lookup: &str, message: String| {
-            issues.push(ConfigIssue {
+            let issue = ConfigIssue {
                 key,
                 source: source_of(lookup),
                 message,
-            });
+            };
+            // A top-level `health:` problem is found once per backend that uses it.
+            if !issues.contains(&issue) {
+                issues.push(issue);
+            }
         };
         let a = &self.amqp;
         match url::Url::parse(&a.url) {
@@ -431,7 +437,14 @@ mod tests {
             "unset fields come from the top level"
         );
         c.health.path = Some("healthz".into());
-        assert_eq!(keys(c), ["health.path"]);
+        assert_eq!(keys(c.clone()), ["health.path"]);
+        c.backends
+            .push(BackendConfig::new("http://127.0.0.1:8082/"));
+        assert_eq!(
+            keys(c),
+            ["health.path"],
+            "reported once, not once per backend"
+        );
     }
 
     /// `(key, source)` of each issue of a configuration loaded from `yaml` and `env`, and
