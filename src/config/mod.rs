@@ -1,0 +1,648 @@
+//! Configuration: serde structs with defaults, the figment sources, and `validate()`.
+//!
+//! Sources, each overriding the one before (the same order as the README):
+//! 1. built-in defaults ([`Config::default`]);
+//! 2. a YAML file, from `--config PATH` or `AMQP_SIDECAR_CONFIG`;
+//! 3. environment variables `AMQP_SIDECAR_<SECTION>__<KEY>`, e.g. `AMQP_SIDECAR_AMQP__URL`;
+//! 4. the shorthand `AMQP_SIDECAR_BACKENDS=http://a:8080/,http://b:8080/`, a comma-separated
+//!    list of backend URLs that replaces `backends` (each backend gets the defaults).
+//!
+//! Every problem found while loading or validating is reported together, each one naming
+//! the key and the source it came from, the way linkerd2-proxy's `env.rs` collects them.
+//!
+//! The module is split in three: this file holds the serde structs, their defaults and
+//! small accessors; `load` the figment stack, the sources of values and the redaction
+//! helpers; `validate` the checks of values that parse but make no sense.
+
+mod load;
+mod validate;
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+pub use load::redact_url;
+use load::{opt_string_like, string_like};
+
+/// Prefix of every environment variable the sidecar reads.
+pub const ENV_PREFIX: &str = "AMQP_SIDECAR_";
+/// Environment variable naming the YAML config file (same as `--config`).
+pub const ENV_CONFIG_FILE: &str = "AMQP_SIDECAR_CONFIG";
+/// Environment variable holding the comma-separated backend URL shorthand.
+pub const ENV_BACKENDS: &str = "AMQP_SIDECAR_BACKENDS";
+
+/// The whole configuration of one sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection, queue and consumer settings.
+    pub amqp: AmqpConfig,
+    /// The local worker backends deliveries are forwarded to. Required: at least one.
+    pub backends: Vec<BackendConfig>,
+    /// The strategy that picks a backend for each delivery. Default `least_in_flight`.
+    pub balancer: BalancerKind,
+    /// Limits that apply to every backend request.
+    pub backend: BackendLimits,
+    /// Passive ejection of backends that keep failing (outlier detection).
+    pub ejection: EjectionConfig,
+    /// Active health checks for every backend (each may override them).
+    pub health: HealthConfig,
+    /// Attempt limit and backoff between attempts.
+    pub retry: RetryConfig,
+    /// Where messages go once they cannot be processed.
+    pub dead_letter: DeadLetterConfig,
+    /// The admin HTTP server (/metrics, /healthz, /readyz).
+    pub admin: AdminConfig,
+    /// Log output.
+    pub log: LogConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp: AmqpConfig::default(),
+            backends: Vec::new(),
+            balancer: BalancerKind::LeastInFlight,
+            backend: BackendLimits::default(),
+            ejection: EjectionConfig::default(),
+            health: HealthConfig::default(),
+            retry: RetryConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+/// The queue type the sidecar declares, and how it counts attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A replicated quorum queue. The broker counts deliveries in the `x-delivery-count`
+    /// header, and the sidecar uses it as the attempt count.
+    /// <https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>
+    Quorum,
+    /// A classic queue. The sidecar counts attempts itself (see `retry::AttemptCounter`).
+    Classic,
+}
+
+/// Broker connection, queue and consumer settings (`amqp:`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// AMQP URI, `amqp://` or `amqps://`. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// Heartbeat and connect timeout can be set in the query, e.g. `?heartbeat=30`.
+    /// The password is never logged nor printed by `check-config`.
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    /// The queue to consume from. Required.
+    #[serde(deserialize_with = "string_like")]
+    pub queue: String,
+    /// `quorum` (default) or `classic`.
+    pub queue_type: QueueType,
+    /// basic.qos prefetch count per consumer channel. Default 1.
+    pub prefetch: u16,
+    /// Number of consumer channels. Default 0, meaning the sum of the backends' `max_in_flight`.
+    pub consumers: u32,
+    /// Declare the queue, the dead-letter exchange and the dead-letter queue (default true).
+    /// When false they are only checked with passive declares.
+    pub declare: bool,
+    /// First delay between reconnect attempts, in ms. Default 500.
+    pub reconnect_initial_ms: u64,
+    /// Cap on the delay between reconnect attempts, in ms. Default 30000.
+    pub reconnect_max_ms: u64,
+    /// The longest a delivery may stay unacked: the backend timeout plus the longest backoff
+    /// must stay below it, so that the broker's `consumer_timeout` (30 min by default) never
+    /// closes the channel under a delivery. In ms. Default 900000 (15 min).
+    pub delivery_deadline_ms: u64,
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("queue", &self.queue)
+            .field("queue_type", &self.queue_type)
+            .field("prefetch", &self.prefetch)
+            .field("consumers", &self.consumers)
+            .field("declare", &self.declare)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            queue: String::new(),
+            queue_type: QueueType::Quorum,
+            prefetch: 1,
+            consumers: 0,
+            declare: true,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+            delivery_deadline_ms: 900_000,
+        }
+    }
+}
+
+/// One worker backend (`backends: [...]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The http(s) URL each delivery is POSTed to. Required.
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    /// Label used in metrics and logs. Default: the URL's `host:port`.
+    #[serde(deserialize_with = "opt_string_like")]
+    pub name: Option<String>,
+    /// Most requests the sidecar keeps in flight to this backend. Default 1.
+    pub max_in_flight: u32,
+    /// Relative capacity: the balancer compares `in_flight / weight`. Default 1.
+    pub weight: u32,
+    /// Per-request timeout, in ms, covering connect, headers and body. Default 30000.
+    pub timeout_ms: u64,
+    /// Overrides of the top-level `health:` settings for this backend. Default none.
+    pub health: Option<HealthOverride>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            name: None,
+            max_in_flight: 1,
+            weight: 1,
+            timeout_ms: 30_000,
+            health: None,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// A backend with default settings for `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The metric label: `name`, or the URL's `host:port`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match url::Url::parse(&self.url) {
+            Ok(u) => match (u.host_str(), u.port_or_known_default()) {
+                (Some(h), Some(p)) => format!("{h}:{p}"),
+                (Some(h), None) => h.to_owned(),
+                _ => self.url.clone(),
+            },
+            Err(_) => self.url.clone(),
+        }
+    }
+}
+
+/// The balancing strategy (`balancer:`). See `balance` for each algorithm's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Join-the-shortest-queue: the lowest `in_flight / weight`, ties rotated. The default.
+    LeastInFlight,
+    /// Power of two choices: two distinct random backends, the less loaded one.
+    PowerOfTwo,
+    /// Strictly in turn; a delivery waits for the backend whose turn it is.
+    RoundRobin,
+    /// Smooth weighted round robin (nginx), strictly in turn by weight.
+    WeightedRoundRobin,
+    /// Uniformly random among backends with a free slot.
+    Random,
+}
+
+impl BalancerKind {
+    /// Every strategy, in documentation order.
+    pub const ALL: [BalancerKind; 5] = [
+        Self::LeastInFlight,
+        Self::PowerOfTwo,
+        Self::RoundRobin,
+        Self::WeightedRoundRobin,
+        Self::Random,
+    ];
+
+    /// The config name, e.g. `least_in_flight`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LeastInFlight => "least_in_flight",
+            Self::PowerOfTwo => "power_of_two",
+            Self::RoundRobin => "round_robin",
+            Self::WeightedRoundRobin => "weighted_round_robin",
+            Self::Random => "random",
+        }
+    }
+}
+
+impl std::str::FromStr for BalancerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown balancer {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Limits on every backend request (`backend:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendLimits {
+    /// Largest message body forwarded, in bytes. Larger ones are dead-lettered with reason
+    /// `too_large`. Default 16777216 (16 MiB).
+    pub max_body_bytes: usize,
+    /// How much of a response body is read (then discarded), in bytes. Default 65536.
+    /// Reading it lets the connection be reused; a longer body closes the connection.
+    pub max_response_bytes: usize,
+    /// TCP connect timeout, in ms. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// A PEM bundle of CA certificates trusted for `https://` backends, added to the
+    /// system's roots (for workers with a private CA). Default unset.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A PEM certificate chain the sidecar presents to `https://` backends that ask for one
+    /// (mTLS). Set together with `client_key_file`. Default unset.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of `client_cert_file`. Default unset.
+    pub client_key_file: Option<std::path::PathBuf>,
+}
+
+impl Default for BackendLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_response_bytes: 64 * 1024,
+            connect_timeout_ms: 2_000,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
+}
+
+/// Active health checks (`health:`). Off unless `path` is set (here or per backend).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path GETted on each backend's host, e.g. `/healthz`; 2xx is healthy. Default unset (off).
+    #[serde(deserialize_with = "opt_string_like")]
+    pub path: Option<String>,
+    /// Time between checks, in ms. Default 5000.
+    pub interval_ms: u64,
+    /// Timeout of one check, in ms. Default 1000.
+    pub timeout_ms: u64,
+    /// Failed checks in a row that make a healthy backend unhealthy. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that make an unhealthy backend healthy. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// A backend's `health:` block: any field set replaces the top-level one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthOverride {
+    /// See [`HealthConfig::path`].
+    #[serde(deserialize_with = "opt_string_like")]
+    pub path: Option<String>,
+    /// See [`HealthConfig::interval_ms`].
+    pub interval_ms: Option<u64>,
+    /// See [`HealthConfig::timeout_ms`].
+    pub timeout_ms: Option<u64>,
+    /// See [`HealthConfig::unhealthy_threshold`].
+    pub unhealthy_threshold: Option<u32>,
+    /// See [`HealthConfig::healthy_threshold`].
+    pub healthy_threshold: Option<u32>,
+}
+
+/// The effective health check of one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path to GET.
+    pub path: String,
+    /// ms between checks.
+    pub interval_ms: u64,
+    /// ms per check.
+    pub timeout_ms: u64,
+    /// Failures in a row to turn unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row to turn healthy.
+    pub healthy_threshold: u32,
+}
+
+/// Passive ejection, or outlier detection (`ejection:`): a backend that fails
+/// `consecutive_failures` times in a row (retryable failures: 5xx, 408, 429, timeouts,
+/// refused or reset connections) takes no requests for `base_ms × times ejected`, capped at
+/// `max_ms`. After Envoy's outlier detection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EjectionConfig {
+    /// Retryable failures in a row that eject a backend; 0 turns ejection off. Default 5.
+    pub consecutive_failures: u32,
+    /// Ejection time per ejection so far, in ms. Default 10000.
+    pub base_ms: u64,
+    /// Cap on the ejection time, in ms. Default 300000.
+    pub max_ms: u64,
+    /// Most backends ejected at once, as a percentage of all (rounded down), so a lone
+    /// backend is never ejected. Default 50.
+    pub max_percent: u8,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ms: 10_000,
+            max_ms: 300_000,
+            max_percent: 50,
+        }
+    }
+}
+
+/// Attempt limit and backoff (`retry:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts (backend requests) per message before it is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// Backoff before the first requeue, in ms. Default 1000.
+    pub backoff_initial_ms: u64,
+    /// Growth factor of the backoff per attempt. Default 2.
+    pub backoff_multiplier: f64,
+    /// Cap on the backoff (and on a `Retry-After`), in ms. Default 60000.
+    pub backoff_max_ms: u64,
+    /// Entries kept by the in-memory attempt counter (classic queues). Default 100000.
+    pub attempt_cache_size: usize,
+    /// Age after which an in-memory attempt count is forgotten, in ms. Default 3600000 (1 h).
+    pub attempt_cache_ttl_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff_initial_ms: 1_000,
+            backoff_multiplier: 2.0,
+            backoff_max_ms: 60_000,
+            attempt_cache_size: 100_000,
+            attempt_cache_ttl_ms: 3_600_000,
+        }
+    }
+}
+
+/// Dead-lettering (`dead_letter:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Exchange dead-lettered messages are published to. Default `<queue>.dlx`.
+    #[serde(deserialize_with = "opt_string_like")]
+    pub exchange: Option<String>,
+    /// Routing key of the dead-letter publish. Default `<queue>`.
+    #[serde(deserialize_with = "opt_string_like")]
+    pub routing_key: Option<String>,
+    /// Queue declared and bound to the exchange when declaring. Default `<queue>.dlq`.
+    #[serde(deserialize_with = "opt_string_like")]
+    pub queue: Option<String>,
+    /// How long to wait for the broker's publisher confirm, in ms. Default 5000.
+    pub confirm_timeout_ms: u64,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            exchange: None,
+            routing_key: None,
+            queue: None,
+            confirm_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    /// The exchange name, resolved against the consumed queue's name.
+    #[must_use]
+    pub fn exchange_for(&self, queue: &str) -> String {
+        self.exchange
+            .clone()
+            .unwrap_or_else(|| format!("{queue}.dlx"))
+    }
+    /// The routing key, resolved against the consumed queue's name.
+    #[must_use]
+    pub fn routing_key_for(&self, queue: &str) -> String {
+        self.routing_key.clone().unwrap_or_else(|| queue.to_owned())
+    }
+    /// The dead-letter queue name, resolved against the consumed queue's name.
+    #[must_use]
+    pub fn queue_for(&self, queue: &str) -> String {
+        self.queue.clone().unwrap_or_else(|| format!("{queue}.dlq"))
+    }
+    /// The publisher-confirm timeout (default 5 s).
+    #[must_use]
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+/// The admin HTTP server (`admin:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address of /metrics, /healthz and /readyz. Default `0.0.0.0:9090`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Log output (`log:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `amqp_sidecar=debug`. `RUST_LOG` wins when set.
+    /// Default `info`.
+    #[serde(deserialize_with = "string_like")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Graceful shutdown (`shutdown:`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight deliveries may take to finish after SIGTERM, in ms. Default 30000.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_ms: 30_000 }
+    }
+}
+
+/// One problem with the configuration: which key, where its value came from, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path, e.g. `amqp.prefetch` or `backends[1].url`.
+    pub key: String,
+    /// Where the value came from: `default`, `file config.yaml`, `env AMQP_SIDECAR_AMQP__URL`.
+    pub source: String,
+    /// What is wrong, and how to fix it where that is not obvious.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (from {}): {}", self.key, self.source, self.message)
+    }
+}
+
+/// Every problem found in a configuration. The binary exits with code 78 (EX_CONFIG) on it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    /// The problems, in the order they were found.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.issues.len()
+        )?;
+        for issue in &self.issues {
+            writeln!(f, "  - {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The effective health check of backend `index`: the top-level `health:` with the
+    /// backend's overrides applied; `None` when no path is set.
+    #[must_use]
+    pub fn health_check(&self, index: usize) -> Option<HealthCheck> {
+        let g = &self.health;
+        let o = self.backends.get(index)?.health.clone().unwrap_or_default();
+        Some(HealthCheck {
+            path: o.path.or_else(|| g.path.clone())?,
+            interval_ms: o.interval_ms.unwrap_or(g.interval_ms),
+            timeout_ms: o.timeout_ms.unwrap_or(g.timeout_ms),
+            unhealthy_threshold: o.unhealthy_threshold.unwrap_or(g.unhealthy_threshold),
+            healthy_threshold: o.healthy_threshold.unwrap_or(g.healthy_threshold),
+        })
+    }
+
+    /// Number of consumer channels: `amqp.consumers`, or the sum of `max_in_flight` when 0.
+    #[must_use]
+    pub fn consumer_count(&self) -> u32 {
+        if self.amqp.consumers > 0 {
+            self.amqp.consumers
+        } else {
+            self.backends
+                .iter()
+                .map(|b| b.max_in_flight)
+                .sum::<u32>()
+                .max(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid configuration: the defaults with a queue and one backend.
+    pub(super) fn valid() -> Config {
+        let mut c = Config::default();
+        c.amqp.queue = "q".into();
+        c.backends = vec![BackendConfig::new("http://127.0.0.1:8080/")];
+        c
+    }
+
+    /// Writes `yaml` to a new file in a fresh temporary directory and returns its path.
+    pub(super) fn temp_yaml(yaml: &str) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("amqp-sidecar-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("sidecar.yaml");
+        std::fs::write(&file, yaml).expect("write");
+        file
+    }
+
+    #[test]
+    fn consumers_default_to_total_capacity() {
+        let mut c = valid();
+        c.backends[0].max_in_flight = 3;
+        c.backends.push(BackendConfig {
+            max_in_flight: 2,
+            ..BackendConfig::new("http://127.0.0.1:8081/")
+        });
+        assert_eq!(c.consumer_count(), 5);
+        c.amqp.consumers = 2;
+        assert_eq!(c.consumer_count(), 2);
+    }
+
+    #[test]
+    fn label_defaults_to_host_port() {
+        assert_eq!(
+            BackendConfig::new("http://127.0.0.1:8080/x").label(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(BackendConfig::new("http://w/").label(), "w:80");
+    }
+}
