@@ -528,7 +528,7 @@ mod tests {
         async fn a_reset_after_the_request_was_written_may_have_been_processed() {
             let addr = server(|stream| async move {
                 // RST instead of FIN.
-                let _ = stream.set_linger(Some(std::time::Duration::ZERO));
+                let _ = stream.set_zero_linger();
                 drop(stream);
             })
             .await;
