@@ -45,7 +45,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The sidecar's readiness inputs, shared between the supervisor and the admin server.
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct ReadinessState {
     connected: AtomicBool,
     consumers: AtomicUsize,
     expected_consumers: AtomicUsize,
@@ -97,7 +97,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Health {
+impl ReadinessState {
     /// Records whether the broker connection is up.
     pub fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::SeqCst);
@@ -216,7 +216,7 @@ impl Health {
 #[derive(Clone)]
 struct AdminState {
     metrics: PrometheusHandle,
-    health: Arc<Health>,
+    health: Arc<ReadinessState>,
 }
 
 /// The bound admin server.
@@ -233,7 +233,7 @@ impl AdminServer {
     pub async fn bind(
         addr: SocketAddr,
         metrics: PrometheusHandle,
-        health: Arc<Health>,
+        health: Arc<ReadinessState>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let router = Router::new()

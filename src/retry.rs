@@ -20,17 +20,18 @@
 //!   process has not seen starts at 1.
 //!
 //! # Backoff
-//! Exponential with full jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture
+//! One type, [`Backoff`], for message retries and broker reconnects. Retries use full
+//! jitter (Brooker, "Exponential Backoff And Jitter", AWS Architecture
 //! Blog, 2015): `uniform(0, min(cap, initial × multiplier^(attempt−1)))`. Computed here rather
 //! than with backon, because backon adds its jitter after applying the cap (so its delays can
-//! reach twice the cap). A `Retry-After` header (RFC 9110 §10.2.3) on a 429 or 503 replaces the
+//! reach twice the cap). A `Retry-After` header (RFC 9110 §10.2.3, parsed in [`crate::backend`]) on a 429 or 503 replaces the
 //! computed delay, capped the same way.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
     num::NonZeroUsize,
     sync::Mutex,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use lapin::types::AMQPValue;
@@ -42,22 +43,48 @@ use crate::config::{QueueType, RetryConfig};
 /// Header quorum queues set on redelivered messages.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
-/// Full-jitter exponential backoff.
+/// How a delay is drawn below its exponential ceiling (Brooker, "Exponential Backoff And
+/// Jitter", AWS Architecture Blog, 2015).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// `uniform(0, ceiling)`: spreads retries the most (message retries).
+    Full,
+    /// `ceiling/2 + uniform(0, ceiling/2)`: never near zero, so a reconnect loop never
+    /// spins (broker reconnects).
+    Equal,
+}
+
+/// Capped exponential backoff with jitter: the one backoff type, for message retries
+/// ([`Jitter::Full`]) and broker reconnects ([`Jitter::Equal`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backoff {
     initial: Duration,
     multiplier: f64,
     max: Duration,
+    jitter: Jitter,
 }
 
 impl Backoff {
-    /// From `retry.backoff_initial_ms`, `retry.backoff_multiplier` and `retry.backoff_max_ms`.
+    /// From `retry.backoff_initial_ms`, `retry.backoff_multiplier` and `retry.backoff_max_ms`,
+    /// with full jitter.
     #[must_use]
     pub fn new(cfg: &RetryConfig) -> Self {
         Self {
             initial: Duration::from_millis(cfg.backoff_initial_ms),
             multiplier: cfg.backoff_multiplier,
             max: Duration::from_millis(cfg.backoff_max_ms),
+            jitter: Jitter::Full,
+        }
+    }
+
+    /// Doubling from `initial` up to `max`, with `jitter`.
+    #[must_use]
+    pub fn doubling(initial: Duration, max: Duration, jitter: Jitter) -> Self {
+        Self {
+            initial,
+            multiplier: 2.0,
+            max,
+            jitter,
         }
     }
 
@@ -73,13 +100,19 @@ impl Backoff {
         }
     }
 
-    /// The delay after failed attempt `attempt` (1-based): uniform in `[0, ceiling]`.
+    /// The delay after failed attempt `attempt` (1-based): uniform in `[0, ceiling]` with
+    /// full jitter, in `[ceiling/2, ceiling]` with equal jitter.
     pub fn delay<R: Rng + ?Sized>(&self, attempt: u32, rng: &mut R) -> Duration {
         let ceiling = self.ceiling(attempt);
-        if ceiling.is_zero() {
-            return ceiling;
+        let fixed = match self.jitter {
+            Jitter::Full => Duration::ZERO,
+            Jitter::Equal => ceiling / 2,
+        };
+        let spread = ceiling - fixed;
+        if spread.is_zero() {
+            return fixed;
         }
-        Duration::from_secs_f64(rng.random_range(0.0..=ceiling.as_secs_f64()))
+        fixed + Duration::from_secs_f64(rng.random_range(0.0..=spread.as_secs_f64()))
     }
 
     /// The delay to use when the backend sent `Retry-After`: that value, capped at the max.
@@ -87,18 +120,6 @@ impl Backoff {
     pub fn capped(&self, retry_after: Duration) -> Duration {
         retry_after.min(self.max)
     }
-}
-
-/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
-/// A date in the past gives zero. Returns `None` for anything else.
-#[must_use]
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// What the attempt counter needs to know about a delivery.
@@ -308,6 +329,29 @@ mod tests {
     }
 
     #[test]
+    fn equal_jitter_stays_in_the_upper_half() {
+        let b = Backoff::doubling(
+            Duration::from_millis(100),
+            Duration::from_millis(1_000),
+            Jitter::Equal,
+        );
+        let mut rng = StdRng::seed_from_u64(3);
+        for attempt in 1..=8 {
+            let ceiling = b.ceiling(attempt);
+            for _ in 0..50 {
+                let d = b.delay(attempt, &mut rng);
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "{attempt}: {d:?} vs {ceiling:?}"
+                );
+            }
+        }
+        // Doubling, capped: 100, 200, 400, 800, 1000 ms.
+        let ms: Vec<u128> = (1..=5).map(|a| b.ceiling(a).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1000]);
+    }
+
+    #[test]
     fn ceiling_grows_then_caps() {
         let b = Backoff::new(&cfg());
         let ms: Vec<u128> = (1..=6).map(|a| b.ceiling(a).as_millis()).collect();
@@ -327,7 +371,8 @@ mod tests {
 
     #[test]
     fn retry_after_seconds_and_dates() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        use crate::backend::parse_retry_after;
         assert_eq!(parse_retry_after("5", now), Some(Duration::from_secs(5)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
         assert_eq!(

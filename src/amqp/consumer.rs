@@ -4,17 +4,16 @@
 //! spawned per delivery are bounded by consumers × prefetch: the broker's flow control is the
 //! backpressure, and no queue of our own can grow.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use futures_util::StreamExt;
 use lapin::{
     Channel, Connection,
+    message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{FieldTable, ShortString},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-use crate::dispatch::Dispatcher;
 
 /// How long to wait for the deliveries still buffered after basic.cancel.
 const CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
@@ -34,19 +33,29 @@ pub enum ConsumerExit {
     Unparsable(String),
 }
 
+/// What a consumer does with its deliveries; the dispatcher implements it. Keeping it a
+/// trait keeps the broker side (`amqp`) from knowing the per-delivery path.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery from start to settlement.
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_;
+    /// Hands back, without attempting it, a delivery that was still buffered when the
+    /// consumer was cancelled.
+    fn release(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_;
+}
+
 /// A consumer channel and its delivery stream.
-pub struct Consumer {
+pub struct Consumer<H> {
     index: usize,
     channel: Channel,
     stream: lapin::Consumer,
     tag: ShortString,
     queue: String,
-    dispatcher: Arc<Dispatcher>,
+    handler: Arc<H>,
     /// Tracks the per-delivery tasks, so shutdown can wait for them.
     tracker: TaskTracker,
 }
 
-impl Consumer {
+impl<H: Handler> Consumer<H> {
     /// Opens a channel on `conn`, sets basic.qos `prefetch` (per consumer, `global=false`)
     /// and starts a manual-ack consumer on `queue`.
     ///
@@ -57,7 +66,7 @@ impl Consumer {
         index: usize,
         queue: &str,
         prefetch: u16,
-        dispatcher: Arc<Dispatcher>,
+        handler: Arc<H>,
         tracker: TaskTracker,
     ) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
@@ -72,7 +81,7 @@ impl Consumer {
             stream,
             tag,
             queue: queue.to_owned(),
-            dispatcher,
+            handler,
             tracker,
         })
     }
@@ -103,8 +112,8 @@ impl Consumer {
                 }
                 next = self.stream.next() => match next {
                     Some(Ok(delivery)) => {
-                        let dispatcher = Arc::clone(&self.dispatcher);
-                        self.tracker.spawn(async move { dispatcher.handle(delivery).await });
+                        let handler = Arc::clone(&self.handler);
+                        self.tracker.spawn(async move { handler.handle(delivery).await });
                     }
                     Some(Err(e)) => {
                         let reason = crate::amqp::describe(&e);
@@ -138,9 +147,9 @@ impl Consumer {
         }
         let drain = async {
             while let Some(Ok(delivery)) = self.stream.next().await {
-                let dispatcher = Arc::clone(&self.dispatcher);
+                let handler = Arc::clone(&self.handler);
                 self.tracker
-                    .spawn(async move { dispatcher.release(delivery).await });
+                    .spawn(async move { handler.release(delivery).await });
             }
         };
         let _ = tokio::time::timeout(CANCEL_DRAIN, drain).await;

@@ -13,7 +13,60 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{balance::Pool, config::HealthCheck};
+use crate::config::HealthCheck;
+
+/// Where a checker reports a backend's health flips: `(index, healthy)`. The supervisor
+/// points it at the pool, as pingora's `HealthObserve` callback does, so the checker does
+/// not know the pool.
+pub type Observe = Arc<dyn Fn(usize, bool) + Send + Sync>;
+
+/// The hysteresis of active health checks (pingora's `health_check`, Envoy's active
+/// health checking): the state flips to unhealthy after `unhealthy_threshold` failures in a
+/// row and back after `healthy_threshold` successes in a row. Starts healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hysteresis {
+    healthy: bool,
+    successes: u32,
+    failures: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl Hysteresis {
+    /// Healthy, with the given thresholds (each ≥ 1, as validation guarantees).
+    #[must_use]
+    pub fn new(healthy_threshold: u32, unhealthy_threshold: u32) -> Self {
+        Self {
+            healthy: true,
+            successes: 0,
+            failures: 0,
+            healthy_threshold,
+            unhealthy_threshold,
+        }
+    }
+
+    /// Records one check; returns the new state when it flips.
+    pub fn observe(&mut self, ok: bool) -> Option<bool> {
+        if ok {
+            self.successes = self.successes.saturating_add(1);
+            self.failures = 0;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.successes = 0;
+        }
+        let flip = if self.healthy {
+            self.failures >= self.unhealthy_threshold
+        } else {
+            self.successes >= self.healthy_threshold
+        };
+        if flip {
+            self.healthy = !self.healthy;
+            Some(self.healthy)
+        } else {
+            None
+        }
+    }
+}
 
 /// One backend's health-check target.
 pub struct Target {
@@ -29,18 +82,18 @@ pub struct Target {
 
 /// The health-check task.
 pub struct HealthChecker {
-    pool: Arc<Pool>,
+    observe: Observe,
     targets: Vec<Target>,
     client: reqwest::Client,
 }
 
 impl HealthChecker {
-    /// A checker for `targets` on `pool`.
+    /// A checker for `targets` that reports flips to `observe`.
     ///
     /// # Errors
     /// When the HTTP client cannot be built (a TLS file of `limits` that cannot be used).
     pub fn new(
-        pool: Arc<Pool>,
+        observe: Observe,
         targets: Vec<Target>,
         limits: &crate::config::BackendLimits,
     ) -> Result<Self, String> {
@@ -59,7 +112,7 @@ impl HealthChecker {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
-            pool,
+            observe,
             targets,
             client,
         })
@@ -75,16 +128,16 @@ impl HealthChecker {
     pub async fn run(self, stop: CancellationToken) {
         let mut set = JoinSet::new();
         for target in self.targets {
-            let (pool, client, stop) = (Arc::clone(&self.pool), self.client.clone(), stop.clone());
-            set.spawn(async move { check_loop(target, pool, client, stop).await });
+            let (observe, client, stop) =
+                (Arc::clone(&self.observe), self.client.clone(), stop.clone());
+            set.spawn(async move { check_loop(target, observe, client, stop).await });
         }
         while set.join_next().await.is_some() {}
     }
 }
 
-async fn check_loop(t: Target, pool: Arc<Pool>, client: reqwest::Client, stop: CancellationToken) {
-    let mut healthy = true;
-    let (mut successes, mut failures) = (0u32, 0u32);
+async fn check_loop(t: Target, observe: Observe, client: reqwest::Client, stop: CancellationToken) {
+    let mut state = Hysteresis::new(t.check.healthy_threshold, t.check.unhealthy_threshold);
     let mut tick = tokio::time::interval(Duration::from_millis(t.check.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -98,28 +151,21 @@ async fn check_loop(t: Target, pool: Arc<Pool>, client: reqwest::Client, stop: C
             .send()
             .await;
         let ok = matches!(&result, Ok(r) if r.status().is_success());
-        if ok {
-            successes += 1;
-            failures = 0;
-        } else {
-            failures += 1;
-            successes = 0;
-        }
-        if healthy && failures >= t.check.unhealthy_threshold {
-            healthy = false;
-            let why = match result {
-                Ok(r) => format!("HTTP {}", r.status()),
-                Err(e) => e.without_url().to_string(),
-            };
-            tracing::warn!(backend = %t.label, failures, error = %why, "backend failed its health checks: unhealthy");
-        } else if !healthy && successes >= t.check.healthy_threshold {
-            healthy = true;
-            tracing::info!(backend = %t.label, successes, "backend passed its health checks: healthy again");
-        } else {
-            continue;
+        match state.observe(ok) {
+            Some(false) => {
+                let why = match result {
+                    Ok(r) => format!("HTTP {}", r.status()),
+                    Err(e) => e.without_url().to_string(),
+                };
+                tracing::warn!(backend = %t.label, failures = t.check.unhealthy_threshold, error = %why, "backend failed its health checks: unhealthy");
+            }
+            Some(true) => {
+                tracing::info!(backend = %t.label, successes = t.check.healthy_threshold, "backend passed its health checks: healthy again");
+            }
+            None => continue,
         }
         // The pool publishes it (the health gauge, readiness, pausing).
-        pool.set_healthy(t.index, healthy);
+        observe(t.index, ok);
     }
 }
 
@@ -129,4 +175,27 @@ pub async fn tcp_probe(addr: SocketAddr, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hysteresis_flips_only_after_the_thresholds_in_a_row() {
+        let mut h = Hysteresis::new(2, 3);
+        // Two failures, a success in between: still healthy.
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), Some(false), "third failure in a row");
+        assert_eq!(h.observe(false), None, "already unhealthy");
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(false), None, "a failure resets the successes");
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(true), Some(true), "second success in a row");
+        assert_eq!(h.observe(true), None, "already healthy");
+    }
 }

@@ -17,7 +17,6 @@ use reqwest::{StatusCode, header::HeaderMap};
 use crate::{
     config::{BackendConfig, BackendLimits},
     metrics::BackendMetrics,
-    retry::parse_retry_after,
 };
 
 /// How much of a failed response's body goes into `x-sidecar-last-error`, in bytes.
@@ -84,6 +83,18 @@ pub enum BackendError {
     /// worker's fault nor the message's: not an attempt, not a backend failure.
     #[error("local resource error (not an attempt): {0}")]
     Local(String),
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+/// A date in the past gives zero. Returns `None` for anything else.
+#[must_use]
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// True when `e` or one of its sources is an I/O error that says this process ran out of

@@ -34,7 +34,7 @@ pub const MAX_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub enum Probe {
     /// GET this health-check URL; 2xx is reached.
-    Health(reqwest::Url),
+    HealthCheck(reqwest::Url),
     /// A TCP connect to the URL's host and port.
     Tcp {
         /// Host name or address.
@@ -51,7 +51,7 @@ impl Probe {
     #[must_use]
     pub fn for_backend(url: &reqwest::Url, health: Option<reqwest::Url>) -> Self {
         match health {
-            Some(h) => Self::Health(h),
+            Some(h) => Self::HealthCheck(h),
             None if url.scheme() == "https" => Self::Head(url.clone()),
             None => Self::Tcp {
                 host: url.host_str().unwrap_or("localhost").to_owned(),
@@ -80,7 +80,7 @@ impl Probe {
                 })
                 .await,
             ),
-            Self::Health(url) => {
+            Self::HealthCheck(url) => {
                 match client
                     .get(url.clone())
                     .timeout(MAX_PROBE_INTERVAL)

@@ -14,15 +14,16 @@
 //! flight finish and settle, within `shutdown.grace_ms`), then settle what is left
 //! (abandon the requests and nack-requeue their deliveries) and close.
 
+mod pause;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use lapin::{Channel, Connection, types::ShortString};
-use rand::Rng;
 use tokio::task::JoinSet;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admin::{AdminServer, Health, UnusableBackend},
+    admin::{AdminServer, ReadinessState, UnusableBackend},
     amqp::{
         self,
         consumer::{Consumer, ConsumerExit},
@@ -37,6 +38,7 @@ use crate::{
     balance::{self, EjectionClock, Hooks, Pool, Unusable},
     config::{Config, redact_url},
     dispatch::Dispatcher,
+    retry::{Backoff, Jitter},
 };
 
 /// A session that lasted this long resets the reconnect backoff.
@@ -69,32 +71,45 @@ pub enum SidecarError {
     /// The HTTP client or a backend could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// A backend's health path does not make a URL with the backend's.
+    #[error("backend {backend}: health path {path:?} does not make a URL: {reason}")]
+    HealthPath {
+        /// The backend's label.
+        backend: String,
+        /// The health path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The dead-letter publisher could not be built.
     #[error("cannot build the dead-letter publisher: {0}")]
     DeadLetter(String),
 }
 
-/// Capped exponential reconnect delay with "equal jitter": half fixed, half random, so a
-/// reconnect never spins with a zero delay (Brooker, "Exponential Backoff And Jitter", 2015).
+/// The broker reconnect delay: [`Backoff`] with equal jitter, counting failures since the
+/// last stable session.
 struct ReconnectDelay {
-    initial: Duration,
-    max: Duration,
+    backoff: Backoff,
     failures: u32,
 }
 
 impl ReconnectDelay {
     fn next(&mut self) -> Duration {
-        let exp = self.failures.min(30);
         self.failures = self.failures.saturating_add(1);
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32 << exp.min(20))
-            .min(self.max);
-        let half = ceiling / 2;
-        half + Duration::from_secs_f64(rand::rng().random_range(0.0..=half.as_secs_f64()))
+        self.backoff.delay(self.failures, &mut rand::rng())
     }
     fn reset(&mut self) {
         self.failures = 0;
+    }
+
+    /// Logs `what` with the delay, then waits it out; false if shutdown came first.
+    async fn wait(&mut self, what: &str, error: &str, shutdown: &CancellationToken) -> bool {
+        let wait = self.next();
+        tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "{what}");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = shutdown.cancelled() => false,
+        }
     }
 }
 
@@ -116,7 +131,7 @@ const UNPARSABLE_STREAK: u32 = 2;
 /// A configured sidecar with its admin server bound. [`Sidecar::run`] does the work.
 pub struct Sidecar {
     config: Config,
-    health: Arc<Health>,
+    health: Arc<ReadinessState>,
     /// Taken by `run()`.
     admin: Option<AdminServer>,
     admin_addr: SocketAddr,
@@ -143,7 +158,7 @@ impl Sidecar {
     /// [`SidecarError::AdminBind`] when `admin.listen` cannot be bound, and build errors.
     pub async fn bind(config: Config) -> Result<Self, SidecarError> {
         let handle = crate::metrics::install();
-        let health = Arc::new(Health::default());
+        let health = Arc::new(ReadinessState::default());
         // Publish every gauge from the start, so dashboards and alerts see 0, not nothing.
         health.set_connected(false);
         health.set_consumers(0);
@@ -237,9 +252,14 @@ impl Sidecar {
         for (i, b) in dispatcher.backends().iter().enumerate() {
             match config.health_check(i) {
                 Some(check) => {
-                    let url = b.url.join(&check.path).map_err(|e| {
-                        SidecarError::Client(format!("health path {:?}: {e}", check.path))
-                    })?;
+                    let url = b
+                        .url
+                        .join(&check.path)
+                        .map_err(|e| SidecarError::HealthPath {
+                            backend: b.label.clone(),
+                            path: check.path.clone(),
+                            reason: e.to_string(),
+                        })?;
                     probes.push(ProbeTarget {
                         index: i,
                         label: b.label.clone(),
@@ -272,8 +292,15 @@ impl Sidecar {
             None
         } else {
             Some(
-                HealthChecker::new(Arc::clone(dispatcher.pool()), targets, &config.backend)
-                    .map_err(SidecarError::Client)?,
+                HealthChecker::new(
+                    {
+                        let pool = Arc::clone(dispatcher.pool());
+                        Arc::new(move |i, healthy| pool.set_healthy(i, healthy))
+                    },
+                    targets,
+                    &config.backend,
+                )
+                .map_err(SidecarError::Client)?,
             )
         };
         let prober = Prober::new(Arc::clone(dispatcher.pool()), probes, client_for_probes);
@@ -300,7 +327,7 @@ impl Sidecar {
 
     /// The readiness state.
     #[must_use]
-    pub fn health(&self) -> Arc<Health> {
+    pub fn health(&self) -> Arc<ReadinessState> {
         Arc::clone(&self.health)
     }
 
@@ -468,8 +495,11 @@ impl Sidecar {
         let cfg = &self.config;
         let url = redact_url(&cfg.amqp.url);
         let mut delay = ReconnectDelay {
-            initial: Duration::from_millis(cfg.amqp.reconnect_initial_ms),
-            max: Duration::from_millis(cfg.amqp.reconnect_max_ms),
+            backoff: Backoff::doubling(
+                Duration::from_millis(cfg.amqp.reconnect_initial_ms),
+                Duration::from_millis(cfg.amqp.reconnect_max_ms),
+                Jitter::Equal,
+            ),
             failures: 0,
         };
         let mut sessions = 0u64;
@@ -488,12 +518,11 @@ impl Sidecar {
             let conn = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    let wait = delay.next();
                     let reason = amqp::describe(&e);
-                    tracing::warn!(%url, attempt, error = %reason, retry_in_ms = wait.as_millis() as u64, "cannot connect to the broker");
                     self.health
                         .set_error(format!("cannot connect to {url}: {reason}"));
-                    if !sleep_or_shutdown(wait, shutdown).await {
+                    let what = format!("cannot connect to the broker at {url} (attempt {attempt})");
+                    if !delay.wait(&what, &reason, shutdown).await {
                         return Ok(None);
                     }
                     continue;
@@ -504,10 +533,11 @@ impl Sidecar {
                 if e.is_permanent() && sessions == 0 {
                     return Err(e.into());
                 }
-                let wait = delay.next();
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "topology check failed");
                 self.health.set_error(e.to_string());
-                if !sleep_or_shutdown(wait, shutdown).await {
+                if !delay
+                    .wait("topology check failed", &e.to_string(), shutdown)
+                    .await
+                {
                     return Ok(None);
                 }
                 continue;
@@ -547,9 +577,8 @@ impl Sidecar {
                     if session_started.elapsed() >= STABLE_SESSION {
                         delay.reset();
                     }
-                    let wait = delay.next();
-                    tracing::warn!(error = %reason, retry_in_ms = wait.as_millis() as u64, "lost the broker connection or a consumer; reconnecting");
-                    if !sleep_or_shutdown(wait, shutdown).await {
+                    let what = "lost the broker connection or a consumer; reconnecting";
+                    if !delay.wait(what, &reason, shutdown).await {
                         return Ok(None);
                     }
                 }
@@ -642,7 +671,7 @@ impl Sidecar {
             );
             self.health.set_paused(true);
             let probe_stop = CancellationToken::new();
-            let probe = tokio::spawn(probe_unusable(
+            let probe = tokio::spawn(pause::probe_unusable(
                 Arc::clone(self.dispatcher.pool()),
                 self.probe_targets.clone(),
                 probe_stop.clone(),
@@ -669,93 +698,8 @@ impl Sidecar {
     }
 }
 
-impl Sidecar {
-    /// While paused: waits until the published usable count is above 0, shutdown, or the
-    /// connection is lost. Returns `None` on shutdown, `Some(Err(reason))` on a lost
-    /// connection.
-    ///
-    /// A guard re-reads the pool itself every [`PROBE_INTERVAL`]: if the pool's recorded
-    /// state has a usable backend that the published count does not show, the pause has
-    /// outlived its cause, and it ends (counted in
-    /// `amqp_sidecar_pause_self_corrections_total`, which should read 0). It also ends
-    /// ejections whose time is up, should the [`EjectionClock`] be late.
-    async fn wait_for_backend(
-        &self,
-        usable: &mut tokio::sync::watch::Receiver<usize>,
-        conn: &Connection,
-        shutdown: &CancellationToken,
-    ) -> Option<Result<(), String>> {
-        let pool = self.dispatcher.pool();
-        let mut guard = tokio::time::interval(PROBE_INTERVAL);
-        guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                Ok(_) = usable.wait_for(|u| *u > 0) => return Some(Ok(())),
-                () = connection_lost(conn) => {
-                    return Some(Err("connection lost while paused".to_owned()));
-                }
-                _ = guard.tick() => {}
-            }
-            if *usable.borrow() != 0 {
-                continue;
-            }
-            let recorded = pool.usable_recorded();
-            if recorded > 0 {
-                crate::metrics::pause_self_corrected();
-                tracing::error!(
-                    usable_backends = recorded,
-                    "paused although a backend is usable (the published count missed it): resuming"
-                );
-                return Some(Ok(()));
-            }
-            // Ends ejections whose time is up, should the ejection clock be late.
-            pool.refresh();
-        }
-    }
-}
-
-/// While paused, TCP-probes the unusable backends that have no active health check, and
-/// readmits the first that accepts a connection. (Health-checked backends come back through
-/// their checks.) Probes connect only: no message is consumed to find out.
-async fn probe_unusable(
-    pool: Arc<Pool>,
-    targets: Vec<(usize, Option<SocketAddr>)>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(PROBE_INTERVAL);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for &(i, addr) in &targets {
-            let Some(addr) = addr else { continue };
-            if !pool.is_usable(i) && crate::backend::health::tcp_probe(addr, PROBE_INTERVAL).await {
-                tracing::info!(backend = i, %addr, "probe connected: readmitting the backend");
-                pool.readmit(i);
-            }
-        }
-    }
-}
-
-/// Resolves once the connection is no longer connected.
-async fn connection_lost(conn: &Connection) {
-    while conn.status().connected() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Closes a connection, giving up after [`CLOSE_TIMEOUT`]: a close on a half-dead
 /// connection can hang (lapin #409), and the broker cleans up after a dropped socket anyway.
 async fn close_quietly(conn: &Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, ShortString::from(why))).await;
-}
-
-/// Sleeps `d`; returns false if shutdown came first.
-async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => true,
-        () = shutdown.cancelled() => false,
-    }
 }
