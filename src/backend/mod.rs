@@ -8,6 +8,7 @@
 pub mod health;
 pub mod probe;
 pub mod request;
+pub mod upstreams;
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -39,8 +39,8 @@ use crate::{
         consumer::Handler,
         dead_letter::{DeadLetterPublisher, Stored},
     },
-    backend::{Backend, Client, request},
-    balance::{Observed, Pool},
+    backend::{request, upstreams::Upstreams},
+    balance::Observed,
     config::Config,
     metrics::QueueMetrics,
     retry::{Attempt, AttemptCounter, Backoff, DELIVERY_COUNT_HEADER, DeliveryIdentity},
@@ -56,10 +56,8 @@ pub use decide::{Outcome, Policy, Settlement, decide};
 pub struct Dispatcher {
     policy: Policy,
     counter: AttemptCounter,
-    pool: Arc<Pool>,
-    backends: Vec<Backend>,
-    client: Client,
-    dead_letter: DeadLetterPublisher,
+    upstreams: Arc<Upstreams>,
+    dead_letter: Arc<DeadLetterPublisher>,
     metrics: QueueMetrics,
     /// Cancelled when shutdown starts: deliveries still waiting for a backend are released,
     /// and backoffs end early (their deliveries are requeued at once).
@@ -98,15 +96,13 @@ impl Held {
 }
 
 impl Dispatcher {
-    /// Builds the dispatcher.
+    /// Builds the dispatcher over the shared backends and dead-letter publisher.
+    /// `draining` is cancelled when shutdown starts, `abort` when the drain deadline passes.
     #[must_use]
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &Config,
-        pool: Arc<Pool>,
-        backends: Vec<Backend>,
-        client: Client,
-        dead_letter: DeadLetterPublisher,
+        upstreams: Arc<Upstreams>,
+        dead_letter: Arc<DeadLetterPublisher>,
         draining: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
@@ -117,32 +113,12 @@ impl Dispatcher {
                 backoff: Backoff::new(&cfg.retry),
             },
             counter: AttemptCounter::new(cfg.amqp.queue_type, &cfg.retry),
-            pool,
-            backends,
-            client,
+            upstreams,
             dead_letter,
             metrics: QueueMetrics::new(&cfg.amqp.queue),
             draining,
             abort,
         }
-    }
-
-    /// The backends, in config order.
-    #[must_use]
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
-    }
-
-    /// The backend pool.
-    #[must_use]
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
-
-    /// The dead-letter publisher.
-    #[must_use]
-    pub fn dead_letter(&self) -> &DeadLetterPublisher {
-        &self.dead_letter
     }
 
     /// Handles one delivery from start to settlement.
@@ -203,21 +179,21 @@ impl Dispatcher {
         // Moved into the first request; rebuilt only after a local resource error (rare), so
         // the per-delivery path does not clone the header map.
         let mut headers = Some(headers);
-        let mut usable = self.pool.usable();
+        let mut usable = self.upstreams.pool.usable();
         loop {
             let lease = tokio::select! {
                 biased;
                 () = self.draining.cancelled() => return Outcome::Abandoned,
                 // No usable backend: consumption pauses; hand the delivery back unattempted.
                 Ok(_) = usable.wait_for(|n| *n == 0) => return Outcome::Abandoned,
-                lease = self.pool.acquire() => lease,
+                lease = self.upstreams.pool.acquire() => lease,
             };
             let index = lease.index();
-            let backend = &self.backends[index];
+            let backend = &self.upstreams.backends[index];
             let result = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => return Outcome::Abandoned,
-                r = self.client.post(
+                r = self.upstreams.client.post(
                     backend,
                     headers.take().unwrap_or_else(|| request::headers(env).0),
                     body.clone(),
@@ -227,7 +203,7 @@ impl Dispatcher {
             if let Err(e) = &result
                 && e.is_not_delivered()
             {
-                self.pool.mark_unreachable(index, &e.to_string());
+                self.upstreams.pool.mark_unreachable(index, &e.to_string());
                 tracing::debug!(backend = %backend.label, error = %e, "not delivered; not counted as an attempt, trying another backend");
                 continue;
             }
@@ -244,7 +220,7 @@ impl Dispatcher {
                 Err(e) if e.is_retryable() => Observed::Failed,
                 _ => Observed::Answered,
             };
-            self.pool.report(index, observed);
+            self.upstreams.pool.report(index, observed);
             return Outcome::Answered {
                 backend: &backend.label,
                 result,

@@ -31,11 +31,11 @@ use crate::{
         topology::{self, TopologyError},
     },
     backend::{
-        Backend, Client,
-        health::{HealthChecker, Target},
-        probe::{Probe, ProbeTarget, Prober},
+        health::HealthChecker,
+        probe::Prober,
+        upstreams::{BuildError, Upstreams},
     },
-    balance::{self, EjectionClock, Hooks, Pool, Unusable},
+    balance::{EjectionClock, Unusable},
     config::{Config, redact_url},
     dispatch::Dispatcher,
     retry::{Backoff, Jitter},
@@ -68,19 +68,9 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP client or a backend could not be built.
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-    /// A backend's health path does not make a URL with the backend's.
-    #[error("backend {backend}: health path {path:?} does not make a URL: {reason}")]
-    HealthPath {
-        /// The backend's label.
-        backend: String,
-        /// The health path.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// The backends could not be built.
+    #[error(transparent)]
+    Backends(#[from] BuildError),
     /// The dead-letter publisher could not be built.
     #[error("cannot build the dead-letter publisher: {0}")]
     DeadLetter(String),
@@ -136,6 +126,11 @@ pub struct Sidecar {
     admin: Option<AdminServer>,
     admin_addr: SocketAddr,
     dispatcher: Arc<Dispatcher>,
+    /// The backends, their pool and client (shared with the dispatcher).
+    upstreams: Arc<Upstreams>,
+    /// The dead-letter publisher (shared with the dispatcher): its blocked state, and
+    /// closing it.
+    dead_letter: Arc<DeadLetterPublisher>,
     /// Per-delivery tasks, across reconnects, so the drain waits for all of them.
     tracker: TaskTracker,
     draining: CancellationToken,
@@ -176,146 +171,35 @@ impl Sidecar {
                 addr: config.admin.listen,
                 source,
             })?;
-        let backends = config
-            .backends
-            .iter()
-            .map(Backend::new)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SidecarError::Client(e.to_string()))?;
-        let capacities: Vec<(u32, u32)> = config
-            .backends
-            .iter()
-            .map(|b| (b.max_in_flight, b.weight))
-            .collect();
-        let handles: Vec<crate::metrics::BackendMetrics> =
-            backends.iter().map(|b| b.metrics.clone()).collect();
-        for h in &handles {
-            h.in_flight.set(0.0);
-            h.healthy.set(1.0);
-            h.unreachable.set(0.0);
-            h.ejections.increment(0);
-        }
-        let labels: Vec<String> = backends.iter().map(|b| b.label.clone()).collect();
-        let (ejected_handles, reach_handles, reach_labels) =
-            (handles.clone(), handles.clone(), labels.clone());
-        let hooks = Hooks {
-            in_flight: Box::new(move |i, n| handles[i].in_flight.set(f64::from(n))),
-            ejected: Box::new(move |i, d| {
-                ejected_handles[i].ejections.increment(1);
-                tracing::warn!(backend = %labels[i], ejected_for_ms = d.as_millis() as u64, "backend ejected after consecutive failures");
-            }),
-            reachability: Box::new(move |i, healthy, unreachable| {
-                let h = &reach_handles[i];
-                h.healthy.set(if healthy && unreachable.is_none() {
-                    1.0
-                } else {
-                    0.0
-                });
-                h.unreachable
-                    .set(if unreachable.is_some() { 1.0 } else { 0.0 });
-                if let Some(reason) = unreachable {
-                    tracing::warn!(backend = %reach_labels[i], error = %reason, "backend unreachable: a request was not delivered; probing it (not counted as an attempt)");
-                }
-            }),
-        };
-        let pool: Arc<Pool> = Pool::new(
-            &capacities,
-            balance::strategy(config.balancer),
-            config.ejection.clone(),
-            hooks,
+        let (upstreams, watchers) = Upstreams::new(&config)?;
+        let dead_letter = Arc::new(
+            DeadLetterPublisher::new(&config)
+                .map_err(|e| SidecarError::DeadLetter(e.to_string()))?,
         );
-        let max_idle = config
-            .backends
-            .iter()
-            .map(|b| b.max_in_flight as usize)
-            .max()
-            .unwrap_or(1);
-        let client = Client::new(&config.backend, max_idle).map_err(SidecarError::Client)?;
-        let client_for_probes = client.http().clone();
-        let dead_letter = DeadLetterPublisher::new(&config)
-            .map_err(|e| SidecarError::DeadLetter(e.to_string()))?;
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
         let dispatcher = Arc::new(Dispatcher::new(
             &config,
-            pool,
-            backends,
-            client,
-            dead_letter,
+            Arc::clone(&upstreams),
+            Arc::clone(&dead_letter),
             draining.clone(),
             abort.clone(),
         ));
         health.set_expected_consumers(config.consumer_count() as usize);
-        let mut targets = Vec::new();
-        let mut probe_targets = Vec::new();
-        let mut probes = Vec::new();
-        for (i, b) in dispatcher.backends().iter().enumerate() {
-            match config.health_check(i) {
-                Some(check) => {
-                    let url = b
-                        .url
-                        .join(&check.path)
-                        .map_err(|e| SidecarError::HealthPath {
-                            backend: b.label.clone(),
-                            path: check.path.clone(),
-                            reason: e.to_string(),
-                        })?;
-                    probes.push(ProbeTarget {
-                        index: i,
-                        label: b.label.clone(),
-                        probe: Probe::for_backend(&b.url, Some(url.clone())),
-                    });
-                    targets.push(Target {
-                        index: i,
-                        label: b.label.clone(),
-                        url,
-                        check,
-                    });
-                }
-                None => {
-                    probes.push(ProbeTarget {
-                        index: i,
-                        label: b.label.clone(),
-                        probe: Probe::for_backend(&b.url, None),
-                    });
-                    probe_targets.push((
-                        i,
-                        b.url
-                            .socket_addrs(|| None)
-                            .ok()
-                            .and_then(|a| a.first().copied()),
-                    ));
-                }
-            }
-        }
-        let checker = if targets.is_empty() {
-            None
-        } else {
-            Some(
-                HealthChecker::new(
-                    {
-                        let pool = Arc::clone(dispatcher.pool());
-                        Arc::new(move |i, healthy| pool.set_healthy(i, healthy))
-                    },
-                    targets,
-                    &config.backend,
-                )
-                .map_err(SidecarError::Client)?,
-            )
-        };
-        let prober = Prober::new(Arc::clone(dispatcher.pool()), probes, client_for_probes);
         Ok(Self {
             config,
             health,
             admin: Some(admin),
             admin_addr,
             dispatcher,
+            upstreams,
+            dead_letter,
             tracker: TaskTracker::new(),
             draining,
             abort,
-            checker,
-            probe_targets,
-            prober: Some(prober),
+            checker: watchers.checker,
+            probe_targets: watchers.pause_probes,
+            prober: Some(watchers.prober),
         })
     }
 
@@ -348,7 +232,7 @@ impl Sidecar {
             .take()
             .map(|c| tokio::spawn(c.run(admin_stop.clone())));
         let clock = tokio::spawn(
-            EjectionClock::new(Arc::clone(self.dispatcher.pool())).run(admin_stop.clone()),
+            EjectionClock::new(Arc::clone(&self.upstreams.pool)).run(admin_stop.clone()),
         );
         let prober = self
             .prober
@@ -356,15 +240,15 @@ impl Sidecar {
             .map(|p| tokio::spawn(p.run(admin_stop.clone())));
         // Readiness follows the number of usable backends, and says which are out and why.
         let mirror = {
-            let (health, mut usable) = (Arc::clone(&self.health), self.dispatcher.pool().usable());
-            let dispatcher = Arc::clone(&self.dispatcher);
+            let (health, mut usable) = (Arc::clone(&self.health), self.upstreams.pool.usable());
+            let upstreams = Arc::clone(&self.upstreams);
             tokio::spawn(async move {
                 loop {
                     health.set_usable_backends(*usable.borrow_and_update());
-                    let labels = dispatcher.backends();
+                    let labels = &upstreams.backends;
                     health.set_unusable(
-                        dispatcher
-                            .pool()
+                        upstreams
+                            .pool
                             .unusable_now()
                             .into_iter()
                             .map(|(i, why)| UnusableBackend {
@@ -385,10 +269,7 @@ impl Sidecar {
         };
         // Readiness warns while the broker blocks the dead-letter connection.
         let blocked = {
-            let (health, mut blocked) = (
-                Arc::clone(&self.health),
-                self.dispatcher.dead_letter().blocked(),
-            );
+            let (health, mut blocked) = (Arc::clone(&self.health), self.dead_letter.blocked());
             tokio::spawn(async move {
                 loop {
                     health.set_dead_letter_blocked(blocked.borrow_and_update().clone());
@@ -431,7 +312,7 @@ impl Sidecar {
             }
             Err(e) => Err(e),
         };
-        self.dispatcher.dead_letter().close().await;
+        self.dead_letter.close().await;
         self.health.set_connected(false);
         self.health.set_consumers(0);
         watcher.abort();
@@ -613,7 +494,7 @@ impl Sidecar {
             }
         }
         let channels: Vec<Channel> = consumers.iter().map(Consumer::channel).collect();
-        let mut usable = self.dispatcher.pool().usable();
+        let mut usable = self.upstreams.pool.usable();
         loop {
             // Consuming.
             let stop = shutdown.child_token();
@@ -672,7 +553,7 @@ impl Sidecar {
             self.health.set_paused(true);
             let probe_stop = CancellationToken::new();
             let probe = tokio::spawn(pause::probe_unusable(
-                Arc::clone(self.dispatcher.pool()),
+                Arc::clone(&self.upstreams.pool),
                 self.probe_targets.clone(),
                 probe_stop.clone(),
             ));

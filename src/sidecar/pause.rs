@@ -25,7 +25,7 @@ impl Sidecar {
         conn: &Connection,
         shutdown: &CancellationToken,
     ) -> Option<Result<(), String>> {
-        let pool = self.dispatcher.pool();
+        let pool = &self.upstreams.pool;
         let mut guard = tokio::time::interval(PROBE_INTERVAL);
         guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
