@@ -601,40 +601,28 @@ pub fn with_failure_headers(
         put("x-sidecar-original-user-id", s(user.as_str()));
     }
     let headers: FieldTable = headers;
+    // Field by field, because BasicProperties has no way to unset one.
     let mut copy = BasicProperties::default();
-    if let Some(v) = properties.content_type() {
-        copy = copy.with_content_type(v.clone());
+    macro_rules! keep {
+        ($($get:ident => $with:ident),* $(,)?) => {$(
+            if let Some(v) = properties.$get() {
+                copy = copy.$with(Clone::clone(v));
+            }
+        )*};
     }
-    if let Some(v) = properties.content_encoding() {
-        copy = copy.with_content_encoding(v.clone());
-    }
-    if let Some(v) = properties.delivery_mode() {
-        copy = copy.with_delivery_mode(*v);
-    }
-    if let Some(v) = properties.priority() {
-        copy = copy.with_priority(*v);
-    }
-    if let Some(v) = properties.correlation_id() {
-        copy = copy.with_correlation_id(v.clone());
-    }
-    if let Some(v) = properties.reply_to() {
-        copy = copy.with_reply_to(v.clone());
-    }
-    if let Some(v) = properties.message_id() {
-        copy = copy.with_message_id(v.clone());
-    }
-    if let Some(v) = properties.timestamp() {
-        copy = copy.with_timestamp(*v);
-    }
-    if let Some(v) = properties.kind() {
-        copy = copy.with_type(v.clone());
-    }
-    if let Some(v) = properties.app_id() {
-        copy = copy.with_app_id(v.clone());
-    }
-    if let Some(v) = properties.cluster_id() {
-        copy = copy.with_cluster_id(v.clone());
-    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
     copy.with_headers(headers)
 }
 

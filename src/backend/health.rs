@@ -97,17 +97,7 @@ impl HealthChecker {
         targets: Vec<Target>,
         limits: &crate::config::BackendLimits,
     ) -> Result<Self, String> {
-        crate::tls::install_provider();
-        let tls = crate::tls::from_files(
-            limits.ca_file.as_deref(),
-            limits.client_cert_file.as_deref(),
-            limits.client_key_file.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let client = super::client_builder(limits)?
             .pool_max_idle_per_host(1)
             .build()
             .map_err(|e| e.to_string())?;

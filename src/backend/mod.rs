@@ -183,6 +183,26 @@ impl BackendError {
     }
 }
 
+/// The settings every client to the backends shares (the delivery client, health checks):
+/// the backends' TLS, no proxy (loopback backends must never go through `HTTP_PROXY`), no
+/// redirects (a worker that redirects is misconfigured).
+///
+/// # Errors
+/// When a TLS file of `limits` cannot be used.
+pub fn client_builder(limits: &BackendLimits) -> Result<reqwest::ClientBuilder, String> {
+    crate::tls::install_provider();
+    let tls = crate::tls::from_files(
+        limits.ca_file.as_deref(),
+        limits.client_cert_file.as_deref(),
+        limits.client_key_file.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none()))
+}
+
 /// The shared HTTP client.
 #[derive(Clone)]
 pub struct Client {
@@ -197,17 +217,7 @@ impl Client {
     /// When a TLS file of `limits` cannot be used (validation reports that first, with its
     /// key), or reqwest cannot build its client.
     pub fn new(limits: &BackendLimits, pool_per_host: usize) -> Result<Self, String> {
-        crate::tls::install_provider();
-        let tls = crate::tls::from_files(
-            limits.ca_file.as_deref(),
-            limits.client_cert_file.as_deref(),
-            limits.client_key_file.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let http = client_builder(limits)?
             .connect_timeout(Duration::from_millis(limits.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(pool_per_host)
@@ -536,46 +546,49 @@ mod tests {
             assert!(e.is_not_delivered(), "{e}");
         }
 
+        /// The failure a request to a [`server`] running `then` ends in.
+        async fn failure<F, Fut>(then: F, timeout_ms: u64) -> BackendError
+        where
+            F: FnOnce(TcpStream) -> Fut + Send + 'static,
+            Fut: std::future::Future<Output = ()> + Send,
+        {
+            let addr = server(then).await;
+            post(format!("http://{addr}/"), timeout_ms)
+                .await
+                .expect_err("a failure")
+        }
+
         #[tokio::test]
         async fn a_reset_after_the_request_was_written_may_have_been_processed() {
-            let addr = server(|stream| async move {
-                // RST instead of FIN.
+            // RST instead of FIN.
+            let reset = |stream: TcpStream| async move {
                 let _ = stream.set_zero_linger();
                 drop(stream);
-            })
-            .await;
-            let e = post(format!("http://{addr}/"), 2_000)
-                .await
-                .expect_err("reset");
+            };
+            let e = failure(reset, 2_000).await;
             assert!(matches!(e, BackendError::Transport(_)), "{e:?}");
             assert!(e.is_retryable() && !e.is_not_delivered());
         }
 
         #[tokio::test]
         async fn a_timeout_after_the_request_was_written_is_an_attempt() {
-            let addr = server(|stream| async move {
+            let stall = |stream: TcpStream| async move {
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 drop(stream);
-            })
-            .await;
-            let e = post(format!("http://{addr}/"), 300)
-                .await
-                .expect_err("timeout");
+            };
+            let e = failure(stall, 300).await;
             assert!(matches!(e, BackendError::Timeout(_)), "{e:?}");
             assert!(!e.is_not_delivered());
         }
 
         #[tokio::test]
         async fn a_503_is_an_attempt() {
-            let addr = server(|mut stream| async move {
+            let answer = |mut stream: TcpStream| async move {
                 let _ = stream
                     .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
                     .await;
-            })
-            .await;
-            let e = post(format!("http://{addr}/"), 2_000)
-                .await
-                .expect_err("503");
+            };
+            let e = failure(answer, 2_000).await;
             assert_eq!(e.status_code(), 503);
             assert!(e.is_retryable() && !e.is_not_delivered());
         }

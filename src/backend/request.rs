@@ -260,6 +260,19 @@ mod tests {
     use super::*;
     use lapin::types::{LongString, ShortString};
 
+    /// A header table of `(name, value)` pairs.
+    fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert(k.into(), v);
+        }
+        t
+    }
+
+    fn text(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v))
+    }
+
     fn props_with(headers: FieldTable) -> BasicProperties {
         BasicProperties::default()
             .with_message_id(ShortString::from("m-1"))
@@ -269,18 +282,12 @@ mod tests {
 
     #[test]
     fn maps_properties_and_headers() {
-        let mut t = FieldTable::default();
-        t.insert(
-            "tenant".into(),
-            AMQPValue::LongString(LongString::from("acme")),
-        );
-        t.insert("n".into(), AMQPValue::LongInt(-4));
-        t.insert("ok".into(), AMQPValue::Boolean(true));
-        t.insert(
-            "nested".into(),
-            AMQPValue::FieldTable(FieldTable::default()),
-        );
-        let p = props_with(t);
+        let p = props_with(table(vec![
+            ("tenant", text("acme")),
+            ("n", AMQPValue::LongInt(-4)),
+            ("ok", AMQPValue::Boolean(true)),
+            ("nested", AMQPValue::FieldTable(FieldTable::default())),
+        ]));
         let (h, skipped) = headers(&Envelope {
             exchange: "ex",
             routing_key: "rk",
@@ -302,15 +309,10 @@ mod tests {
 
     #[test]
     fn never_injects_crlf() {
-        let mut t = FieldTable::default();
-        t.insert(
-            "evil".into(),
-            AMQPValue::LongString(LongString::from("a\r\nX-Injected: yes")),
-        );
-        t.insert(
-            "bad name".into(),
-            AMQPValue::LongString(LongString::from("v")),
-        );
+        let t = table(vec![
+            ("evil", text("a\r\nX-Injected: yes")),
+            ("bad name", text("v")),
+        ]);
         let p = props_with(t).with_correlation_id(ShortString::from("c\nd"));
         let (h, skipped) = headers(&Envelope {
             exchange: "",
@@ -328,12 +330,13 @@ mod tests {
 
     #[test]
     fn lossy_and_illegal_values_are_left_out_and_content_type_defaults() {
-        let mut t = FieldTable::default();
-        t.insert(
-            "raw".into(),
-            AMQPValue::LongString(LongString::from(b"\xff\xfe".to_vec())),
-        );
-        t.insert("x-\u{FFFD}".into(), AMQPValue::LongString("v".into()));
+        let t = table(vec![
+            (
+                "raw",
+                AMQPValue::LongString(LongString::from(b"\xff\xfe".to_vec())),
+            ),
+            ("x-\u{FFFD}", text("v")),
+        ]);
         let p = props_with(t)
             .with_message_id(ShortString::from("\u{FFFD}\u{FFFD}"))
             .with_content_type(ShortString::from("text/plain\r\nX-Injected: 1"));

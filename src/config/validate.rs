@@ -351,61 +351,66 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_value() {
-        let mut c = valid();
-        c.amqp.queue = String::new();
-        assert_eq!(keys(c), ["amqp.queue"]);
-        let mut c = valid();
-        c.amqp.prefetch = 0;
-        assert_eq!(keys(c), ["amqp.prefetch"]);
-        let mut c = valid();
-        c.amqp.url = "http://x".into();
-        assert_eq!(keys(c), ["amqp.url"]);
-        let mut c = valid();
-        c.backends.clear();
-        assert_eq!(keys(c), ["backends"]);
-        let mut c = valid();
-        c.backends[0].max_in_flight = 0;
-        assert_eq!(keys(c), ["backends[0].max_in_flight"]);
-        let mut c = valid();
-        c.backends[0].url = "ftp://x/".into();
-        assert_eq!(keys(c), ["backends[0].url"]);
-        let mut c = valid();
-        c.backends[0].weight = 0;
-        assert_eq!(keys(c), ["backends[0].weight"]);
-        let mut c = valid();
-        c.retry.max_attempts = 0;
-        assert_eq!(keys(c), ["retry.max_attempts"]);
-        let mut c = valid();
-        c.retry.backoff_multiplier = 0.5;
-        assert_eq!(keys(c), ["retry.backoff_multiplier"]);
-        let mut c = valid();
-        c.retry.backoff_initial_ms = 100_000;
-        assert_eq!(keys(c), ["retry.backoff_initial_ms"]);
-        let mut c = valid();
-        c.backends[0].timeout_ms = 900_000;
-        assert_eq!(keys(c), ["amqp.delivery_deadline_ms"]);
-        let mut c = valid();
-        c.ejection.max_percent = 101;
-        assert_eq!(keys(c), ["ejection.max_percent"]);
-        let mut c = valid();
-        c.ejection.base_ms = c.ejection.max_ms + 1;
-        assert_eq!(keys(c), ["ejection.base_ms"]);
-        let mut c = valid();
-        c.dead_letter.confirm_timeout_ms = 0;
-        assert_eq!(keys(c), ["dead_letter.confirm_timeout_ms"]);
-        let mut c = valid();
-        c.backend.max_body_bytes = 0;
-        assert_eq!(keys(c), ["backend.max_body_bytes"]);
-        let mut c = valid();
-        c.log.level = "amqp_sidecar=loud".into();
-        assert_eq!(keys(c), ["log.level"]);
-        let mut c = valid();
-        c.amqp.reconnect_initial_ms = 0;
-        assert_eq!(keys(c), ["amqp.reconnect_initial_ms"]);
-        let mut c = valid();
-        c.backends
-            .push(BackendConfig::new("http://127.0.0.1:8080/other"));
-        assert_eq!(keys(c), ["backends[1].name"]);
+        // (what to break, the keys that must be reported)
+        type Case = (fn(&mut Config), &'static [&'static str]);
+        let cases: &[Case] = &[
+            (|c| c.amqp.queue = String::new(), &["amqp.queue"]),
+            (|c| c.amqp.prefetch = 0, &["amqp.prefetch"]),
+            (|c| c.amqp.url = "http://x".into(), &["amqp.url"]),
+            (|c| c.backends.clear(), &["backends"]),
+            (
+                |c| c.backends[0].max_in_flight = 0,
+                &["backends[0].max_in_flight"],
+            ),
+            (
+                |c| c.backends[0].url = "ftp://x/".into(),
+                &["backends[0].url"],
+            ),
+            (|c| c.backends[0].weight = 0, &["backends[0].weight"]),
+            (|c| c.retry.max_attempts = 0, &["retry.max_attempts"]),
+            (
+                |c| c.retry.backoff_multiplier = 0.5,
+                &["retry.backoff_multiplier"],
+            ),
+            (
+                |c| c.retry.backoff_initial_ms = 100_000,
+                &["retry.backoff_initial_ms"],
+            ),
+            (
+                |c| c.backends[0].timeout_ms = 900_000,
+                &["amqp.delivery_deadline_ms"],
+            ),
+            (|c| c.ejection.max_percent = 101, &["ejection.max_percent"]),
+            (
+                |c| c.ejection.base_ms = c.ejection.max_ms + 1,
+                &["ejection.base_ms"],
+            ),
+            (
+                |c| c.dead_letter.confirm_timeout_ms = 0,
+                &["dead_letter.confirm_timeout_ms"],
+            ),
+            (
+                |c| c.backend.max_body_bytes = 0,
+                &["backend.max_body_bytes"],
+            ),
+            (|c| c.log.level = "amqp_sidecar=loud".into(), &["log.level"]),
+            (
+                |c| c.amqp.reconnect_initial_ms = 0,
+                &["amqp.reconnect_initial_ms"],
+            ),
+            (
+                |c| {
+                    c.backends
+                        .push(BackendConfig::new("http://127.0.0.1:8080/other"))
+                },
+                &["backends[1].name"],
+            ),
+        ];
+        for (i, (break_it, want)) in cases.iter().enumerate() {
+            let mut c = valid();
+            break_it(&mut c);
+            assert_eq!(keys(c), *want, "case {i}");
+        }
     }
 
     #[test]

@@ -345,19 +345,15 @@ impl Sidecar {
                 "draining in-flight deliveries"
             );
         }
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        let settled_within =
+            |d: Duration| async move { tokio::time::timeout(d, self.tracker.wait()).await.is_ok() };
+        if !settled_within(grace).await {
             tracing::warn!(
                 unfinished = self.tracker.len(),
                 "shutdown grace period expired; requeueing unfinished deliveries without counting an attempt"
             );
             self.abort.cancel();
-            if tokio::time::timeout(SETTLE_AFTER_ABORT, self.tracker.wait())
-                .await
-                .is_err()
-            {
+            if !settled_within(SETTLE_AFTER_ABORT).await {
                 tracing::error!(
                     unfinished = self.tracker.len(),
                     "deliveries still unsettled; the broker requeues them when the connection closes"
