@@ -398,22 +398,30 @@ check "promtool test rules deploy/prometheus/alerts_test.yml" promtool test rule
 
 # 10. Dashboard: valid JSON, and every PromQL query parses (promtool, with the
 #     Grafana variables substituted) and uses only metrics of the contract.
+#     The contract is README.md's metrics table ("name type" per line in $CONTRACT), which
+#     a unit test in src/metrics.rs keeps equal to the code's table (metrics::METRICS).
+CONTRACT="$WORK/metric-contract.txt"
+metric_contract() {
+    "$PY" - README.md "$CONTRACT" <<'PY'
+import re, sys
+rows = re.findall(r"^\| `(amqp_sidecar_\w+)` \| (counter|gauge|histogram) \|", open(sys.argv[1]).read(), re.M)
+open(sys.argv[2], "w").write("".join(f"{name} {kind}\n" for name, kind in rows))
+print(f"{len(rows)} metrics in README.md's table")
+sys.exit(0 if len(rows) >= 10 else 1)
+PY
+}
+check "metric contract read from README.md's metrics table" metric_contract
 DASH=deploy/grafana/amqp-sidecar.json
 check "python3 -m json.tool $DASH" "$PY" -m json.tool "$DASH" /dev/null
 dashboard_queries() {
     local rc=0
-    "$PY" - "$DASH" "$WORK/dashboard-rules.yml" <<'PY' || rc=1
+    "$PY" - "$DASH" "$WORK/dashboard-rules.yml" "$CONTRACT" <<'PY' || rc=1
 import json, re, sys, yaml
 dash = json.load(open(sys.argv[1]))
-contract = {
-    "amqp_sidecar_deliveries_total", "amqp_sidecar_acks_total", "amqp_sidecar_requeues_total",
-    "amqp_sidecar_dead_letters_total", "amqp_sidecar_backend_requests_total",
-    "amqp_sidecar_connection_recoveries_total", "amqp_sidecar_dead_letter_failures_total",
-    "amqp_sidecar_dead_letter_blocked", "amqp_sidecar_dead_letter_unconfirmed", "amqp_sidecar_backend_unreachable",
-    "amqp_sidecar_backend_ejections_total", "amqp_sidecar_backend_in_flight", "amqp_sidecar_connected",
-    "amqp_sidecar_consumers", "amqp_sidecar_paused", "amqp_sidecar_backend_healthy",
-    "amqp_sidecar_pause_self_corrections_total",
-} | {f"amqp_sidecar_backend_request_duration_seconds{s}" for s in ("_bucket", "_sum", "_count")}
+# Queryable series: a histogram only as its _bucket, _sum and _count series.
+metrics = [line.split() for line in open(sys.argv[3])]
+contract = {n for n, kind in metrics if kind != "histogram"} | {
+    n + s for n, kind in metrics if kind == "histogram" for s in ("_bucket", "_sum", "_count")}
 errors, exprs, ids = [], [], set()
 def walk(panels):
     for p in panels:
@@ -450,13 +458,12 @@ PY
 }
 check "dashboard queries: PromQL parses (promtool) and metric names match the contract" dashboard_queries
 alert_metrics() {
-    "$PY" - <<'PY'
+    "$PY" - "$CONTRACT" <<'PY'
 import re, sys
-contract = {"amqp_sidecar_deliveries_total", "amqp_sidecar_requeues_total", "amqp_sidecar_dead_letters_total",
-            "amqp_sidecar_backend_healthy", "amqp_sidecar_backend_ejections_total", "amqp_sidecar_connected",
-            "amqp_sidecar_paused", "amqp_sidecar_backend_requests_total", "amqp_sidecar_connection_recoveries_total",
-            "amqp_sidecar_backend_request_duration_seconds", "amqp_sidecar_pause_self_corrections_total",
-            "amqp_sidecar_dead_letter_blocked"}
+# Every metric name (annotations may name a histogram itself) and a histogram's series.
+metrics = [line.split() for line in open(sys.argv[1])]
+contract = {n for n, _ in metrics} | {
+    n + s for n, kind in metrics if kind == "histogram" for s in ("_bucket", "_sum", "_count")}
 text = open("deploy/prometheus/alerts.yml").read()
 bad = sorted(set(re.findall(r"amqp_sidecar_\w+", text)) - contract)
 print(f"unknown metrics: {bad}" if bad else "alerts.yml uses only contract metrics")

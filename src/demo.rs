@@ -301,8 +301,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     running.await??;
 
     let text = crate::metrics::install().render();
-    let q = format!("queue=\"{queue}\"");
-    let metric = |name: &str, extra: &str| metric_value(&text, name, &q, extra);
+    let metric = |name: &str, reason: Option<&str>| {
+        let mut labels = vec![("queue", queue.as_str())];
+        labels.extend(reason.map(|r| ("reason", r)));
+        crate::metrics::sample_sum(&text, name, &labels) as u64
+    };
     println!();
     println!(
         "== amqp-sidecar demo: {} messages, balancer {} ==",
@@ -333,24 +336,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "deliveries      {:>8}",
-        metric("amqp_sidecar_deliveries_total", "")
+        metric(crate::metrics::DELIVERIES, None)
     );
     println!(
         "acked           {:>8}  (distinct messages processed: {done_ok})",
-        metric("amqp_sidecar_acks_total", "")
+        metric(crate::metrics::ACKS, None)
     );
     println!(
         "retries         {:>8}  (requeued after a retryable failure, with backoff)",
-        metric("amqp_sidecar_requeues_total", "")
+        metric(crate::metrics::REQUEUES, None)
     );
     println!(
         "dead-lettered   {:>8}  (rejected: {}, expected {rejected}; retries_exhausted: {}, expected {exhausted}) -> {dlq}",
         dead,
-        metric("amqp_sidecar_dead_letters_total", "reason=\"rejected\""),
-        metric(
-            "amqp_sidecar_dead_letters_total",
-            "reason=\"retries_exhausted\""
-        ),
+        metric(crate::metrics::DEAD_LETTERS, Some("rejected")),
+        metric(crate::metrics::DEAD_LETTERS, Some("retries_exhausted")),
     );
     println!(
         "lost            {:>8}",
@@ -359,11 +359,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let planted = u64::from(rejected + exhausted);
     println!(
         "worker restart  {:>8}  requests to medium not delivered (refused while it restarted; not attempts); dead-lettered by the restart: {}",
-        metric_value(
+        crate::metrics::sample_sum(
             &text,
             "amqp_sidecar_backend_requests_total",
-            "backend=\"medium\"",
-            "outcome=\"connect_error\""
+            &[("backend", "medium"), ("outcome", "connect_error")]
         ),
         dead.saturating_sub(planted)
     );
@@ -410,12 +409,4 @@ fn show(v: &AMQPValue) -> String {
         AMQPValue::LongLongInt(n) => n.to_string(),
         other => format!("{other:?}"),
     }
-}
-
-/// Sums the samples of `name` whose labels contain `label` and `extra`.
-fn metric_value(text: &str, name: &str, label: &str, extra: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label) && l.contains(extra))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }

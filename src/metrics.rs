@@ -1,4 +1,7 @@
-//! Metric names, units and help text, in one place. The names are a contract (see README).
+//! Metric names, kinds, units, labels and help text, in one place ([`METRICS`]). The names
+//! are a contract (README.md's metrics table, checked against [`METRICS`] by a test).
+//! Also the one Prometheus text parser ([`parse`], [`sample_sum`]) that the demo, the
+//! integration tests and the benchmark read `/metrics` with.
 //!
 //! The Prometheus recorder is process-global (the `metrics` facade allows one), so
 //! [`install`] installs it once and hands every caller the same [`PrometheusHandle`].
@@ -14,55 +17,116 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Counter: deliveries received from the broker, by `queue`.
-pub const DELIVERIES: &str = "amqp_sidecar_deliveries_total";
-/// Counter: basic.ack sent after a successful backend response, by `queue`.
-pub const ACKS: &str = "amqp_sidecar_acks_total";
-/// Counter: deliveries requeued for another attempt (basic.reject requeue=true), by `queue`.
-pub const REQUEUES: &str = "amqp_sidecar_requeues_total";
-/// Counter: deliveries handed back without counting an attempt (shutdown, no backend), by `queue`.
-pub const RELEASES: &str = "amqp_sidecar_releases_total";
-/// Counter: messages dead-lettered (published to the DLX and confirmed), by `queue`, `reason`.
-pub const DEAD_LETTERS: &str = "amqp_sidecar_dead_letters_total";
-/// Counter: dead-letter publishes that failed (the original was requeued), by `queue`.
-pub const DEAD_LETTER_FAILURES: &str = "amqp_sidecar_dead_letter_failures_total";
-/// Gauge: 1 while the broker blocks the dead-letter connection (a resource alarm,
-/// <https://www.rabbitmq.com/docs/connection-blocked>); dead-letters wait, then requeue.
-pub const DEAD_LETTER_BLOCKED: &str = "amqp_sidecar_dead_letter_blocked";
-/// Gauge: dead-letter copies sent whose confirm came after its caller gave up, still
-/// unconfirmed. The originals were requeued; each is acked without a second copy once its
-/// copy is confirmed.
-pub const DEAD_LETTER_UNCONFIRMED: &str = "amqp_sidecar_dead_letter_unconfirmed";
-/// Counter: settlements (ack/nack/reject) that could not be sent because the delivery's
-/// channel had closed; the broker redelivers those messages. By `queue`.
-pub const SETTLE_FAILURES: &str = "amqp_sidecar_settle_failures_total";
-/// Counter: backend requests, by `backend` and `outcome`.
-pub const BACKEND_REQUESTS: &str = "amqp_sidecar_backend_requests_total";
-/// Histogram: backend request duration in seconds, by `backend`.
-pub const BACKEND_DURATION: &str = "amqp_sidecar_backend_request_duration_seconds";
-/// Gauge: requests in flight to a backend (its queue length), by `backend`.
-pub const BACKEND_IN_FLIGHT: &str = "amqp_sidecar_backend_in_flight";
-/// Gauge: 1 while the backend passes its active health checks (always 1 without checks), by `backend`.
-pub const BACKEND_HEALTHY: &str = "amqp_sidecar_backend_healthy";
-/// Gauge: 1 while the backend is unreachable (a request to it was never delivered: refused,
-/// connect timeout, DNS or TLS failure) until a probe reaches it, by `backend`.
-pub const BACKEND_UNREACHABLE: &str = "amqp_sidecar_backend_unreachable";
-/// Counter: passive ejections of a backend, by `backend`.
-pub const BACKEND_EJECTIONS: &str = "amqp_sidecar_backend_ejections_total";
-/// Gauge: 1 while consumption is paused because no backend is usable.
-pub const PAUSED: &str = "amqp_sidecar_paused";
-/// Counter: pauses ended by the pause guard because the pool had a usable backend that the
-/// published usable count did not show. Should always read 0; anything else is a bug.
-pub const PAUSE_SELF_CORRECTIONS: &str = "amqp_sidecar_pause_self_corrections_total";
-/// Counter: connections lost because a frame from the broker could not be parsed (a
-/// message the AMQP client cannot decode). Should read 0.
-pub const UNPARSABLE_FRAMES: &str = "amqp_sidecar_unparsable_frames_total";
-/// Gauge: 1 while connected to the broker.
-pub const CONNECTED: &str = "amqp_sidecar_connected";
-/// Gauge: consumers currently subscribed.
-pub const CONSUMERS: &str = "amqp_sidecar_consumers";
-/// Counter: successful reconnections after a lost connection.
-pub const CONNECTION_RECOVERIES: &str = "amqp_sidecar_connection_recoveries_total";
+/// What kind of metric a [`MetricDef`] is: its Prometheus `# TYPE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only goes up (`_total`).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Bucketed observations (`_bucket`, `_sum`, `_count` series).
+    Histogram,
+}
+
+impl MetricKind {
+    /// The Prometheus type name: `counter`, `gauge` or `histogram`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric of the contract: its name, kind, unit, label names and help text.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    /// The exported name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// The unit given to the recorder.
+    pub unit: Unit,
+    /// The label names of every series, in the order they are set (a histogram's
+    /// `_bucket` series adds `le`).
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text, also the README's description of the metric.
+    pub help: &'static str,
+}
+
+/// Declares each metric once: a `pub const` for its name (documented with its help text)
+/// and its row in [`METRICS`].
+macro_rules! metric_table {
+    ($(
+        $id:ident = $name:literal, $kind:ident, $unit:ident, [$($label:literal),*],
+        $help:literal;
+    )*) => {
+        $(
+            #[doc = concat!("`", $name, "`: ", $help)]
+            pub const $id: &str = $name;
+        )*
+
+        /// Every metric the sidecar exports: the single source of their names, kinds,
+        /// units, labels and help text. [`install`] describes them from it, and a test
+        /// checks README.md's metrics table against it.
+        pub const METRICS: &[MetricDef] = &[$(
+            MetricDef {
+                name: $id,
+                kind: MetricKind::$kind,
+                unit: Unit::$unit,
+                labels: &[$($label),*],
+                help: $help,
+            },
+        )*];
+    };
+}
+
+metric_table! {
+    DELIVERIES = "amqp_sidecar_deliveries_total", Counter, Count, ["queue"],
+        "Deliveries received from the broker.";
+    ACKS = "amqp_sidecar_acks_total", Counter, Count, ["queue"],
+        "Deliveries acked after a successful backend response.";
+    REQUEUES = "amqp_sidecar_requeues_total", Counter, Count, ["queue"],
+        "Deliveries requeued (basic.reject requeue=true) for another attempt, after a retryable failure or a failed dead-letter publish.";
+    RELEASES = "amqp_sidecar_releases_total", Counter, Count, ["queue"],
+        "Deliveries handed back to the broker without counting an attempt: on shutdown, or when consumption pauses because no backend is usable.";
+    DEAD_LETTERS = "amqp_sidecar_dead_letters_total", Counter, Count, ["queue", "reason"],
+        "Messages published to the dead-letter exchange and confirmed, by reason (rejected, retries_exhausted, too_large).";
+    DEAD_LETTER_FAILURES = "amqp_sidecar_dead_letter_failures_total", Counter, Count, ["queue"],
+        "Dead-letter publishes that failed; the original was requeued.";
+    DEAD_LETTER_BLOCKED = "amqp_sidecar_dead_letter_blocked", Gauge, Count, [],
+        "1 while the broker blocks the dead-letter connection (a resource alarm), else 0; dead-letters wait, then requeue.";
+    DEAD_LETTER_UNCONFIRMED = "amqp_sidecar_dead_letter_unconfirmed", Gauge, Count, [],
+        "Dead-letter copies sent but still unconfirmed after their wait timed out (the originals were requeued; each is acked without a second copy once its copy is confirmed).";
+    SETTLE_FAILURES = "amqp_sidecar_settle_failures_total", Counter, Count, ["queue"],
+        "Settlements (ack, nack, reject) not sent because the delivery's channel had closed; the broker redelivers those messages.";
+    BACKEND_REQUESTS = "amqp_sidecar_backend_requests_total", Counter, Count, ["backend", "outcome"],
+        "Backend requests by outcome (success, retryable, rejected, timeout, connect_error, local_error).";
+    BACKEND_DURATION = "amqp_sidecar_backend_request_duration_seconds", Histogram, Seconds, ["backend"],
+        "Backend request duration, from sending the request to reading the response body.";
+    BACKEND_IN_FLIGHT = "amqp_sidecar_backend_in_flight", Gauge, Count, ["backend"],
+        "Requests in flight to the backend: its queue length as the balancer sees it.";
+    BACKEND_HEALTHY = "amqp_sidecar_backend_healthy", Gauge, Count, ["backend"],
+        "1 while the backend passes its active health checks (always 1 without checks), else 0.";
+    BACKEND_UNREACHABLE = "amqp_sidecar_backend_unreachable", Gauge, Count, ["backend"],
+        "1 while the backend is unreachable (a request to it was never delivered: refused, connect timeout, DNS or TLS failure) until a probe reaches it, else 0.";
+    BACKEND_EJECTIONS = "amqp_sidecar_backend_ejections_total", Counter, Count, ["backend"],
+        "Passive ejections of the backend after consecutive retryable failures.";
+    PAUSED = "amqp_sidecar_paused", Gauge, Count, [],
+        "1 while consumption is paused because no backend is usable, else 0.";
+    PAUSE_SELF_CORRECTIONS = "amqp_sidecar_pause_self_corrections_total", Counter, Count, [],
+        "Pauses ended by the pause guard because the pool had a usable backend that the published usable count missed; anything but 0 is a bug.";
+    UNPARSABLE_FRAMES = "amqp_sidecar_unparsable_frames_total", Counter, Count, [],
+        "Connections lost because a frame from the broker could not be parsed (a message the AMQP client cannot decode; a poison message if it repeats). Should read 0.";
+    CONNECTED = "amqp_sidecar_connected", Gauge, Count, [],
+        "1 while connected to the broker, else 0.";
+    CONSUMERS = "amqp_sidecar_consumers", Gauge, Count, [],
+        "Consumers currently subscribed to the queue.";
+    CONNECTION_RECOVERIES = "amqp_sidecar_connection_recoveries_total", Counter, Count, [],
+        "Successful reconnections to the broker after a lost connection.";
+}
 
 /// Outcome label values of [`BACKEND_REQUESTS`].
 pub const OUTCOMES: [&str; 6] = [
@@ -120,112 +184,15 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Describes every metric of [`METRICS`] to the recorder (help text and unit).
 fn describe() {
-    describe_counter!(
-        DELIVERIES,
-        Unit::Count,
-        "Deliveries received from the broker."
-    );
-    describe_counter!(
-        ACKS,
-        Unit::Count,
-        "Deliveries acked after a successful backend response."
-    );
-    describe_counter!(
-        REQUEUES,
-        Unit::Count,
-        "Deliveries requeued for another attempt after a retryable failure."
-    );
-    describe_counter!(
-        RELEASES,
-        Unit::Count,
-        "Deliveries handed back to the broker without counting an attempt (shutdown drain)."
-    );
-    describe_counter!(
-        DEAD_LETTERS,
-        Unit::Count,
-        "Messages published to the dead-letter exchange (confirmed), by reason."
-    );
-    describe_counter!(
-        DEAD_LETTER_FAILURES,
-        Unit::Count,
-        "Dead-letter publishes that failed; the original was requeued."
-    );
-    describe_gauge!(
-        DEAD_LETTER_BLOCKED,
-        Unit::Count,
-        "1 while the broker blocks the dead-letter connection (resource alarm), else 0."
-    );
-    describe_gauge!(
-        DEAD_LETTER_UNCONFIRMED,
-        Unit::Count,
-        "Dead-letter copies sent but not yet confirmed after their wait timed out (originals requeued)."
-    );
-    describe_counter!(
-        SETTLE_FAILURES,
-        Unit::Count,
-        "Settlements not sent because the delivery's channel had closed; the broker redelivers."
-    );
-    describe_counter!(
-        BACKEND_REQUESTS,
-        Unit::Count,
-        "Backend requests by outcome (success, retryable, rejected, timeout, connect_error, local_error)."
-    );
-    describe_histogram!(
-        BACKEND_DURATION,
-        Unit::Seconds,
-        "Backend request duration, from sending the request to reading the response body."
-    );
-    describe_gauge!(
-        BACKEND_IN_FLIGHT,
-        Unit::Count,
-        "Requests in flight to the backend: its queue length as the balancer sees it."
-    );
-    describe_gauge!(
-        BACKEND_HEALTHY,
-        Unit::Count,
-        "1 while the backend passes its active health checks (always 1 without checks), else 0."
-    );
-    describe_gauge!(
-        BACKEND_UNREACHABLE,
-        Unit::Count,
-        "1 while the backend is unreachable (refused, connect timeout, DNS or TLS failure) until a probe reaches it, else 0."
-    );
-    describe_counter!(
-        BACKEND_EJECTIONS,
-        Unit::Count,
-        "Passive ejections of the backend after consecutive retryable failures."
-    );
-    describe_gauge!(
-        PAUSED,
-        Unit::Count,
-        "1 while consumption is paused because no backend is usable, else 0."
-    );
-    describe_counter!(
-        PAUSE_SELF_CORRECTIONS,
-        Unit::Count,
-        "Pauses ended because the pool had a usable backend the published count missed (a bug if not 0)."
-    );
-    describe_counter!(
-        UNPARSABLE_FRAMES,
-        Unit::Count,
-        "Connections lost because a frame from the broker could not be parsed (a poison message if it repeats)."
-    );
-    describe_gauge!(
-        CONNECTED,
-        Unit::Count,
-        "1 while connected to the broker, else 0."
-    );
-    describe_gauge!(
-        CONSUMERS,
-        Unit::Count,
-        "Consumers currently subscribed to the queue."
-    );
-    describe_counter!(
-        CONNECTION_RECOVERIES,
-        Unit::Count,
-        "Reconnections to the broker after a lost connection."
-    );
+    for m in METRICS {
+        match m.kind {
+            MetricKind::Counter => describe_counter!(m.name, m.unit, m.help),
+            MetricKind::Gauge => describe_gauge!(m.name, m.unit, m.help),
+            MetricKind::Histogram => describe_histogram!(m.name, m.unit, m.help),
+        }
+    }
 }
 
 /// Pre-resolved per-queue counters.
@@ -352,4 +319,313 @@ pub fn pause_self_corrected() {
 /// Increments [`CONNECTION_RECOVERIES`].
 pub fn connection_recovered() {
     counter!(CONNECTION_RECOVERIES).increment(1);
+}
+
+/// One sample line of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample<'a> {
+    /// The series name; a histogram's series end in `_bucket`, `_sum` and `_count`.
+    pub name: &'a str,
+    /// The label pairs in the order written, values unescaped.
+    pub labels: Vec<(&'a str, String)>,
+    /// The value (`+Inf`, `-Inf` and `NaN` included).
+    pub value: f64,
+}
+
+impl Sample<'_> {
+    /// The value of label `name`, if the sample has it.
+    #[must_use]
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The samples of a Prometheus text exposition (format 0.0.4, as `/metrics` serves it).
+///
+/// Comment (`# HELP`, `# TYPE`) and blank lines are skipped, and so are malformed lines.
+/// Label values are unescaped (`\\`, `\"`, `\n`); a trailing timestamp is ignored.
+pub fn parse(text: &str) -> impl Iterator<Item = Sample<'_>> {
+    text.lines().filter_map(parse_line)
+}
+
+/// The sum of the samples named exactly `name` whose labels include every `labels` pair
+/// (0 when there are none): e.g. `(ACKS, &[("queue", "q")])`, or every outcome of one
+/// backend's requests with `(BACKEND_REQUESTS, &[("backend", "b")])`.
+#[must_use]
+pub fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    parse(text)
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+fn parse_line(line: &str) -> Option<Sample<'_>> {
+    let line = line.trim_start();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = &line[..end];
+    let valid = |c: char, first: bool| {
+        c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
+    };
+    let mut chars = name.chars();
+    if !chars.next().is_some_and(|c| valid(c, true)) || !chars.all(|c| valid(c, false)) {
+        return None;
+    }
+    let mut rest = line[end..].trim_start();
+    let mut labels = Vec::new();
+    if let Some(r) = rest.strip_prefix('{') {
+        rest = r.trim_start();
+        while let Some(eq) = rest.find('=').filter(|_| !rest.starts_with('}')) {
+            let key = rest[..eq].trim();
+            let body = rest[eq + 1..].trim_start().strip_prefix('"')?;
+            let mut value = String::new();
+            let mut it = body.char_indices();
+            let close = loop {
+                match it.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match it.next()?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key, value));
+            rest = body[close + 1..].trim_start();
+            match rest.strip_prefix(',') {
+                Some(r) => rest = r.trim_start(),
+                None if rest.starts_with('}') => break,
+                None => return None,
+            }
+        }
+        rest = rest.strip_prefix('}')?;
+    }
+    let mut fields = rest.split_whitespace();
+    let value = match fields.next()? {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    // At most a timestamp after the value.
+    if fields.nth(1).is_some() {
+        return None;
+    }
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn parses_names_labels_values_and_escapes() {
+        let text = "# HELP a_total Things.\n# TYPE a_total counter\n\
+            a_total{queue=\"q\",backend=\"127.0.0.1:80\"} 3\n\
+            a_total{queue=\"q,}=x\",backend=\"b\"} 4 1700000000000\n\
+            a_total{queue=\"q\\\"\\\\\\n\"} 5\n\
+            b 1.5e3\n\
+            h_bucket{backend=\"b\",le=\"+Inf\"} +Inf\n\
+            \n   \n\
+            c{x=\"unterminated} 1\n\
+            d{x=\"1\" y=\"2\"} 1\n\
+            e 1 2 3\n\
+            f{} NaN\n\
+            9bad 1\n";
+        let s: Vec<Sample<'_>> = parse(text).collect();
+        assert_eq!(s.len(), 6, "{s:?}");
+        assert_eq!(s[0].name, "a_total");
+        assert_eq!(
+            s[0].labels,
+            [
+                ("queue", "q".to_owned()),
+                ("backend", "127.0.0.1:80".to_owned())
+            ]
+        );
+        assert_eq!(s[0].value, 3.0);
+        assert_eq!(s[1].label("queue"), Some("q,}=x"));
+        assert_eq!(s[1].value, 4.0, "a timestamp is not the value");
+        assert_eq!(s[2].label("queue"), Some("q\"\\\n"));
+        assert_eq!((s[3].name, s[3].value), ("b", 1500.0));
+        assert!(s[3].labels.is_empty());
+        assert_eq!(s[4].label("le"), Some("+Inf"));
+        assert_eq!(s[4].value, f64::INFINITY);
+        assert!(s[5].name == "f" && s[5].value.is_nan() && s[5].labels.is_empty());
+    }
+
+    #[test]
+    fn sample_sum_matches_the_exact_name_and_every_label_pair() {
+        let text = "x_total{queue=\"a\",outcome=\"ok\"} 1\n\
+            x_total{queue=\"a\",outcome=\"err\"} 2\n\
+            x_total{queue=\"ab\",outcome=\"ok\"} 4\n\
+            x_total_other{queue=\"a\"} 8\n\
+            x_totals 16\n\
+            y{queue=\"a\"} 32\n";
+        assert_eq!(sample_sum(text, "x_total", &[]), 7.0);
+        assert_eq!(sample_sum(text, "x_total", &[("queue", "a")]), 3.0);
+        assert_eq!(
+            sample_sum(text, "x_total", &[("queue", "a"), ("outcome", "ok")]),
+            1.0
+        );
+        assert_eq!(sample_sum(text, "x_total", &[("queue", "b")]), 0.0);
+        assert_eq!(sample_sum(text, "x_total", &[("missing", "a")]), 0.0);
+        assert_eq!(sample_sum(text, "nothing", &[]), 0.0);
+    }
+
+    /// The rows of README.md's metrics table: (name, type, label names, description).
+    fn readme_rows() -> Vec<(String, String, Vec<String>, String)> {
+        let readme = include_str!("../README.md");
+        let header = "| metric | type | labels | description |";
+        let start = readme
+            .find(header)
+            .expect("README.md has the metrics table");
+        readme[start..]
+            .lines()
+            .skip(2) // the header and the |---| line
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+                assert_eq!(cells.len(), 4, "README metrics row {l:?}: four cells");
+                let labels = cells[2]
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                (
+                    cells[0].trim_matches('`').to_owned(),
+                    cells[1].to_owned(),
+                    labels,
+                    cells[3].to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_metrics_table_matches_the_metric_table() {
+        let expected: Vec<(String, String, Vec<String>, String)> = METRICS
+            .iter()
+            .map(|m| {
+                (
+                    m.name.to_owned(),
+                    m.kind.as_str().to_owned(),
+                    m.labels.iter().map(|l| (*l).to_owned()).collect(),
+                    m.help.to_owned(),
+                )
+            })
+            .collect();
+        let readme = readme_rows();
+        for (i, (want, got)) in expected.iter().zip(&readme).enumerate() {
+            assert_eq!(
+                got,
+                want,
+                "README.md metrics table row {} differs from metrics::METRICS (README, table)",
+                i + 1
+            );
+        }
+        assert_eq!(
+            readme.len(),
+            expected.len(),
+            "README.md lists {} metrics, metrics::METRICS {}",
+            readme.len(),
+            expected.len()
+        );
+    }
+
+    #[test]
+    fn metric_names_are_unique_and_well_formed() {
+        let mut seen = HashSet::new();
+        for m in METRICS {
+            assert!(seen.insert(m.name), "{} twice", m.name);
+            assert!(m.name.starts_with("amqp_sidecar_"), "{}", m.name);
+            assert_eq!(
+                m.name.ends_with("_total"),
+                m.kind == MetricKind::Counter,
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+            assert!(
+                !m.help.contains('|'),
+                "{}: help breaks the README table",
+                m.name
+            );
+        }
+    }
+
+    /// What the recorder exports agrees with [`METRICS`]: every metric appears with its
+    /// `# TYPE`, its `# HELP` and exactly its label names, and nothing else is exported.
+    #[tokio::test]
+    async fn the_exported_metrics_match_the_metric_table() {
+        let handle = install();
+        let q = QueueMetrics::new("table-q");
+        for c in [
+            &q.deliveries,
+            &q.acks,
+            &q.requeues,
+            &q.releases,
+            &q.dead_letter_failures,
+            &q.settle_failures,
+        ] {
+            c.increment(1);
+        }
+        q.dead_letters("rejected").increment(1);
+        let b = BackendMetrics::new("table-b");
+        for o in OUTCOMES {
+            b.requests(o).increment(1);
+        }
+        b.duration.record(0.01);
+        b.in_flight.set(0.0);
+        b.healthy.set(1.0);
+        b.unreachable.set(0.0);
+        b.ejections.increment(1);
+        set_connected(true);
+        set_consumers(1);
+        set_dead_letter_blocked(false);
+        set_paused(false);
+        init_bug_counters();
+        connection_recovered();
+        let text = handle.render();
+        for m in METRICS {
+            let kind = m.kind.as_str();
+            assert!(
+                text.contains(&format!("# TYPE {} {kind}\n", m.name)),
+                "{}: not exported as a {kind}:\n{text}",
+                m.name
+            );
+            assert!(
+                text.contains(&format!("# HELP {} {}\n", m.name, m.help)),
+                "{}: no HELP or not the table's:\n{text}",
+                m.name
+            );
+        }
+        let mut series = 0;
+        for s in parse(&text) {
+            let (def, extra) = METRICS
+                .iter()
+                .find_map(|m| match s.name.strip_prefix(m.name) {
+                    Some("") => Some((m, None)),
+                    Some("_bucket") if m.kind == MetricKind::Histogram => Some((m, Some("le"))),
+                    Some("_sum" | "_count") if m.kind == MetricKind::Histogram => Some((m, None)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{} is exported but not in METRICS", s.name));
+            let got: HashSet<&str> = s.labels.iter().map(|(k, _)| *k).collect();
+            let want: HashSet<&str> = def.labels.iter().copied().chain(extra).collect();
+            assert_eq!(got, want, "{}: label names", s.name);
+            series += 1;
+        }
+        assert!(series >= METRICS.len(), "{series} series");
+    }
 }

@@ -1,5 +1,6 @@
-//! The backend pool: every strategy's spread and bound, the mixed-speed makespan, active
-//! health checks, passive ejection, and pausing consumption when no backend can work.
+//! The backend pool: every strategy's spread and bound, the mixed-speed makespan, a slow
+//! backend's share, `max_in_flight` reached but never exceeded, active health checks,
+//! passive ejection, and pausing consumption when no backend can work.
 
 mod support;
 
@@ -149,6 +150,95 @@ async fn load_aware_strategies_beat_round_robin_on_a_mixed_speed_workload() {
         p2c.as_secs_f64() < 0.6 * rr.as_secs_f64(),
         "power_of_two {p2c:?} vs round_robin {rr:?}"
     );
+}
+
+/// A fast (2 ms) and a slow (60 ms) backend, 4 slots each, 4 consumers, so every delivery
+/// has a choice: round robin gives the slow backend about half, shortest queue little.
+#[tokio::test]
+async fn shortest_queue_sends_a_slow_backend_far_less_than_round_robin() {
+    const N: usize = 200;
+    let spec = [(2, 4, 1), (60, 4, 1)];
+    let (jsq, _, jsq_time) = run(BalancerKind::LeastInFlight, &spec, 4, N).await;
+    let (rr, _, rr_time) = run(BalancerKind::RoundRobin, &spec, 4, N).await;
+    println!("least_in_flight: {jsq:?} in {jsq_time:?}; round_robin: {rr:?} in {rr_time:?}");
+    // The fast backend's queue empties 30× sooner.
+    assert!(
+        rr[1] * 10 >= N * 4,
+        "round robin gives the slow backend ~half ({}/{N})",
+        rr[1]
+    );
+    assert!(
+        jsq[1] * 5 <= N,
+        "least_in_flight gives the slow backend at most 20% ({}/{N})",
+        jsq[1]
+    );
+    assert!(
+        jsq[1] * 2 < rr[1],
+        "least_in_flight sends the slow backend far fewer ({} vs {})",
+        jsq[1],
+        rr[1]
+    );
+    assert!(
+        jsq_time < rr_time,
+        "least_in_flight finishes sooner ({jsq_time:?} vs {rr_time:?})"
+    );
+}
+
+/// With more consumers than slots, every backend reaches its own `max_in_flight` and never
+/// goes past it, and its in-flight gauge is back to 0 once all is acked.
+#[tokio::test]
+async fn no_backend_ever_exceeds_max_in_flight() {
+    let conn = broker().await;
+    let queue = unique("max-in-flight");
+    let workers = workers_with_latency(&[15, 15, 15]).await;
+    let limits = [1u32, 2, 3];
+    let backends = workers
+        .iter()
+        .zip(limits)
+        .map(|(w, l)| backend(w, l))
+        .collect();
+    let mut cfg = config(&queue, backends);
+    // More consumers than total capacity (6): deliveries must wait for a free slot.
+    cfg.amqp.consumers = 10;
+    cfg.amqp.prefetch = 2;
+    declare(&conn, &cfg).await;
+    const N: usize = 240;
+    publish_n(&conn, &queue, N).await;
+    let sidecar = start(cfg.clone()).await;
+    wait_until("all acked", Duration::from_secs(60), || async {
+        sidecar
+            .metric("amqp_sidecar_acks_total", &[("queue", &queue)])
+            .await
+            == N as f64
+    })
+    .await;
+    for (w, limit) in workers.iter().zip(limits) {
+        assert!(
+            w.max_in_flight() <= limit as usize,
+            "backend with max_in_flight {limit} saw {} concurrent requests",
+            w.max_in_flight()
+        );
+        assert_eq!(
+            w.max_in_flight(),
+            limit as usize,
+            "the limit was reached, so the bound was exercised"
+        );
+    }
+    let in_flight = sidecar.metric("amqp_sidecar_backend_in_flight", &[]).await;
+    let text = sidecar.metrics().await;
+    for w in &workers {
+        assert_eq!(
+            metric_value(
+                &text,
+                "amqp_sidecar_backend_in_flight",
+                &[("backend", &w.addr.to_string())]
+            ),
+            0.0,
+            "in-flight gauge back to 0 (all gauges: {in_flight})"
+        );
+    }
+    sidecar.stop().await.expect("clean stop");
+    cleanup(&conn, &cfg).await;
 }
 
 #[tokio::test]

@@ -3,13 +3,39 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use support::*;
+
+/// `(messages_ready, messages_unacknowledged)` of every queue, from `rabbitmqctl list_queues`.
+fn ready_and_unacked() -> HashMap<String, (u64, u64)> {
+    rabbitmqctl(&[
+        "-q",
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f[..] {
+            [name, ready, unacked] => Some((
+                name.to_owned(),
+                (ready.parse().ok()?, unacked.parse().ok()?),
+            )),
+            _ => None,
+        }
+    })
+    .collect()
+}
 
 #[tokio::test]
 async fn a_backend_that_fails_then_succeeds_gets_the_message_acked() {
@@ -119,16 +145,29 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
                 == 1.0
         })
         .await;
+        // Settled: the broker holds the original neither ready nor unacknowledged (a passive
+        // declare counts only ready messages, so it cannot tell an acked original from one the
+        // sidecar still holds), so no redelivery, and no attempt after these, can follow.
         wait_until(
-            "original acked off the queue",
-            Duration::from_secs(10),
-            || async { ready(&conn, &queue).await == 0 && ready(&conn, &dlq).await == 1 },
+            "original acked (not ready, not unacked) and one copy in the DLQ",
+            Duration::from_secs(20),
+            || async {
+                let counts = ready_and_unacked();
+                counts.get(&queue) == Some(&(0, 0)) && counts.get(&dlq) == Some(&(1, 0))
+            },
         )
         .await;
         assert_eq!(
             worker.count(),
             3,
             "{queue_type:?}: exactly max_attempts requests"
+        );
+        assert_eq!(
+            sidecar
+                .metric("amqp_sidecar_deliveries_total", &[("queue", &queue)])
+                .await,
+            3.0,
+            "{queue_type:?}: one delivery per attempt, no redelivery after the dead-letter"
         );
         let dead = take_all(&conn, &dlq).await;
         assert_eq!(dead.len(), 1, "exactly one copy in the DLQ");
@@ -170,8 +209,13 @@ async fn retries_exhausted_gives_exactly_max_attempts_then_one_dead_letter() {
         assert!(
             SystemTime::now().duration_since(at).expect("in the past") < Duration::from_secs(60)
         );
-        assert_eq!(worker.count(), 3, "no attempt after the dead-letter");
+        // Stopping waits for every delivery task to end: nothing can attempt it later.
         sidecar.stop().await.expect("clean stop");
+        assert_eq!(
+            worker.count(),
+            3,
+            "{queue_type:?}: no attempt after the dead-letter, up to the end of the sidecar"
+        );
         cleanup(&conn, &cfg).await;
     }
 }

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use amqp_sidecar::metrics;
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -460,16 +461,9 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
-/// Sum of every sample of `name` in a Prometheus text page.
+/// Sum of every sample of `name` in a Prometheus text page (the sidecar's own parser).
 fn metric_sum(page: &str, name: &str) -> u64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+    metrics::sample_sum(page, name, &[]) as u64
 }
 
 impl Running {
@@ -531,10 +525,10 @@ impl Running {
                 return Ok(last.clone());
             };
             return Ok(Progress {
-                acked: metric_sum(&page, "amqp_sidecar_acks_total"),
-                failures: metric_sum(&page, "amqp_sidecar_dead_letters_total")
-                    + metric_sum(&page, "amqp_sidecar_requeues_total"),
-                recoveries: metric_sum(&page, "amqp_sidecar_connection_recoveries_total"),
+                acked: metric_sum(&page, metrics::ACKS),
+                failures: metric_sum(&page, metrics::DEAD_LETTERS)
+                    + metric_sum(&page, metrics::REQUEUES),
+                recoveries: metric_sum(&page, metrics::CONNECTION_RECOVERIES),
                 child_done: None,
             });
         }

@@ -216,30 +216,53 @@ mod tests {
         StdRng::seed_from_u64(42)
     }
 
-    /// Every strategy: never a full or unusable backend, None when nothing is free.
+    /// Every strategy: never a full or unusable backend, None when nothing is free, and the
+    /// backend with room when it is the only one. The load-aware strategies take it on every
+    /// pick; the strict ones take it on their first pick (its turn, weight 5 of 8 in the
+    /// weighted sequence), then wait for full backend 1 or 3 whose turn comes next.
     #[test]
     fn all_strategies_respect_capacity_and_usability() {
-        let strategies: Vec<Box<dyn Balance>> = vec![
-            Box::new(LeastInFlight::default()),
-            Box::new(PowerOfTwo::with_rng(seeded())),
-            Box::new(RoundRobin::default()),
-            Box::new(WeightedRoundRobin::default()),
-            Box::new(RandomPick::with_rng(seeded())),
+        let strategies: Vec<(&str, Box<dyn Balance>, bool)> = vec![
+            ("least_in_flight", Box::new(LeastInFlight::default()), false),
+            (
+                "power_of_two",
+                Box::new(PowerOfTwo::with_rng(seeded())),
+                false,
+            ),
+            ("round_robin", Box::new(RoundRobin::default()), true),
+            (
+                "weighted_round_robin",
+                Box::new(WeightedRoundRobin::default()),
+                true,
+            ),
+            ("random", Box::new(RandomPick::with_rng(seeded())), false),
         ];
         let loads = [
+            load(0, 3, 5),
             load(2, 2, 1),
             unusable(load(0, 5, 1)),
-            load(0, 3, 2),
-            load(3, 3, 5),
+            load(3, 3, 2),
         ];
-        for mut s in strategies {
-            for _ in 0..200 {
-                if let Some(i) = s.pick(&loads) {
-                    assert_eq!(i, 2, "only backend 2 is usable with room");
-                }
+        for (name, mut s, strict) in strategies {
+            let picks: Vec<Option<usize>> = (0..200).map(|_| s.pick(&loads)).collect();
+            assert_eq!(
+                picks[0],
+                Some(0),
+                "{name}: backend 0, the only one usable with room, on the first pick"
+            );
+            if strict {
+                assert!(
+                    picks[1..].iter().all(Option::is_none),
+                    "{name}: waits for the full backend whose turn it is: {picks:?}"
+                );
+            } else {
+                assert!(
+                    picks.iter().all(|p| *p == Some(0)),
+                    "{name}: only backend 0 is usable with room: {picks:?}"
+                );
             }
             let none = [load(1, 1, 1), unusable(load(0, 1, 1))];
-            assert_eq!(s.pick(&none), None);
+            assert_eq!(s.pick(&none), None, "{name}: nothing is free");
         }
     }
 
@@ -266,8 +289,9 @@ mod tests {
     #[test]
     fn power_of_two_keeps_the_less_loaded_of_two_distinct_candidates() {
         let mut b = PowerOfTwo::with_rng(seeded());
-        // Backend 0 is the most loaded: it can only win when both candidates... never, since
-        // candidates are distinct and every other backend is less loaded.
+        // Backend 0 is the most loaded: it could only be kept if both candidates were backend
+        // 0, which never happens, since the candidates are distinct and every other backend
+        // is less loaded.
         let loads = [
             load(9, 10, 1),
             load(1, 10, 1),

@@ -614,18 +614,10 @@ impl Running {
     }
 }
 
-/// The sum of the samples of `name` whose label set contains every `labels` pair.
+/// The sum of the samples of `name` whose label set contains every `labels` pair
+/// (the library's Prometheus text parser, [`amqp_sidecar::metrics::sample_sum`]).
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    amqp_sidecar::metrics::sample_sum(text, name, labels)
 }
 
 /// GETs `url` and returns the body (e.g. a sidecar binary's /metrics).
