@@ -7,7 +7,7 @@
 //!   On RabbitMQ 3.x every requeue increments it; from 4.x only `basic.reject(requeue)` and
 //!   failed deliveries do, and `basic.nack(requeue)` does not. So the sidecar requeues a failed
 //!   attempt with `basic.reject` (counted on both) and hands back an unattempted delivery
-//!   (shutdown drain) with `basic.nack` (not counted on 4.x; counted on 3.x, a documented
+//!   (shutdown drain, a pause) with `basic.nack` (not counted on 4.x; counted on 3.x, a documented
 //!   over-count).
 //! - The header is trusted only where the broker sets it: on a quorum queue's redelivery
 //!   (`redelivered = true`). On a first delivery, or on a classic queue, an

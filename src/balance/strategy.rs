@@ -53,38 +53,54 @@ impl Balance for LeastInFlight {
     }
 }
 
-/// Power of two choices over the backends with a free slot.
-#[derive(Debug)]
-pub struct PowerOfTwo<R = StdRng> {
-    rng: R,
+/// A strategy that draws from a random generator: the struct, `new()` (seeded from the OS),
+/// `Default`, and `with_rng()` (tests seed it).
+macro_rules! randomized_strategy {
+    ($(#[$doc:meta])* $t:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $t<R = StdRng> {
+            rng: R,
+        }
+
+        impl $t<StdRng> {
+            /// Seeded from the OS.
+            #[must_use]
+            pub fn new() -> Self {
+                Self::with_rng(StdRng::from_os_rng())
+            }
+        }
+
+        impl Default for $t<StdRng> {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl<R: Rng> $t<R> {
+            /// With an injected generator (tests seed it).
+            pub fn with_rng(rng: R) -> Self {
+                Self { rng }
+            }
+        }
+    };
 }
 
-impl PowerOfTwo<StdRng> {
-    /// Seeded from the OS.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::with_rng(StdRng::from_os_rng())
-    }
-}
+randomized_strategy!(
+    /// Power of two choices over the backends with a free slot.
+    PowerOfTwo
+);
 
-impl Default for PowerOfTwo<StdRng> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<R: Rng> PowerOfTwo<R> {
-    /// With an injected generator (tests seed it).
-    pub fn with_rng(rng: R) -> Self {
-        Self { rng }
-    }
+/// The backends with a free slot.
+fn with_capacity(loads: &[Load]) -> Vec<usize> {
+    (0..loads.len())
+        .filter(|&i| loads[i].has_capacity())
+        .collect()
 }
 
 impl<R: Rng + Send> Balance for PowerOfTwo<R> {
     fn pick(&mut self, loads: &[Load]) -> Option<usize> {
-        let free: Vec<usize> = (0..loads.len())
-            .filter(|&i| loads[i].has_capacity())
-            .collect();
+        let free = with_capacity(loads);
         match free.len() {
             0 => None,
             1 => Some(free[0]),
@@ -159,38 +175,14 @@ impl Balance for WeightedRoundRobin {
     }
 }
 
-/// Uniformly random among the backends with a free slot.
-#[derive(Debug)]
-pub struct RandomPick<R = StdRng> {
-    rng: R,
-}
-
-impl RandomPick<StdRng> {
-    /// Seeded from the OS.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::with_rng(StdRng::from_os_rng())
-    }
-}
-
-impl Default for RandomPick<StdRng> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<R: Rng> RandomPick<R> {
-    /// With an injected generator (tests seed it).
-    pub fn with_rng(rng: R) -> Self {
-        Self { rng }
-    }
-}
+randomized_strategy!(
+    /// Uniformly random among the backends with a free slot.
+    RandomPick
+);
 
 impl<R: Rng + Send> Balance for RandomPick<R> {
     fn pick(&mut self, loads: &[Load]) -> Option<usize> {
-        let free: Vec<usize> = (0..loads.len())
-            .filter(|&i| loads[i].has_capacity())
-            .collect();
+        let free = with_capacity(loads);
         if free.is_empty() {
             None
         } else {
