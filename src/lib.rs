@@ -7,30 +7,39 @@
 //! message is rejected. No path drops a message.
 //!
 //! # Layout
-//! - [`config`]: serde structs, defaults, the figment sources (YAML + env) and `validate()`.
-//! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, pause and
-//!   resume when no backend is usable, drain.
-//! - [`amqp`]: the broker side: connection, topology, the consumer task, the dead-letter
-//!   publisher (publisher confirms, deadpool-lapin).
-//! - [`dispatch`]: one delivery's path, and the single `match` from outcome to settlement.
+//! - [`config`]: serde structs and defaults (`config`), the figment sources, YAML + env
+//!   (`config::load`), and `validate()` (`config::validate`).
+//! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, drain; its
+//!   `pause` submodule waits while no backend is usable.
+//! - [`amqp`]: the broker side: connection, topology, the consumer task (which hands each
+//!   delivery to a [`amqp::consumer::Handler`]), the dead-letter publisher (publisher
+//!   confirms, deadpool-lapin, resource alarms).
+//! - [`dispatch`]: one delivery's path; [`dispatch::decide`] is the single `match` from
+//!   [`dispatch::Outcome`] to [`dispatch::Settlement`], a pure function.
 //! - [`balance`]: the backend pool (in-flight counts behind a [`balance::Lease`] guard,
-//!   passive ejection, health flags) and the [`balance::Balance`] trait with its five
-//!   strategies.
-//!   [`balance::EjectionClock`] ends ejections on time.
-//! - [`backend`]: the HTTP client, the request/header mapping, outcome classification, and
-//!   active health checks.
+//!   passive ejection, health flags, unreachable backends) and the [`balance::Balance`]
+//!   trait with its five strategies. [`balance::EjectionClock`] ends ejections on time.
+//! - [`backend`]: the HTTP client, the request/header mapping, outcome classification
+//!   (attempted or not delivered), active health checks, the prober of unreachable
+//!   backends, and [`backend::upstreams::Upstreams`], which builds them all from config.
 //! - [`tls`]: the rustls client configuration for `https://` backends.
-//! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and backoff.
+//! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and the one
+//!   backoff type (full jitter for retries, equal jitter for reconnects).
 //! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.
-//! - [`metrics`]: metric names, units and help text, in one place.
+//! - [`metrics`]: the one table of metric names, kinds, units, labels and help; the
+//!   Prometheus text parser the demo, tests and bench share.
 //! - [`shutdown`]: signal handling (graceful first signal, forced second).
-//! - [`demo`]: the newcomer's demo: in-process workers, a published batch, a summary.
+//! - [`demo`]: the newcomer's demo: in-process workers, a published batch, a worker restart,
+//!   a summary.
 //!
 //! Where to find pausing: the pool publishes how many backends are usable
-//! ([`balance::Pool::usable`], changed only through its one update path); the supervisor
-//! ([`sidecar`]) cancels the consumers when it reaches 0, probes by TCP, and resumes, with a
-//! guard that re-reads the pool; [`dispatch`] hands back deliveries waiting for a backend;
-//! [`backend::health`] flips health flags; [`admin`] shows it on /readyz.
+//! ([`balance::Pool::usable`], changed only through its one update path: health flips,
+//! ejections, [`balance::Pool::mark_unreachable`] and [`balance::Pool::reached`]); the
+//! supervisor ([`sidecar`]) cancels the consumers when it reaches 0 and resumes when it
+//! rises, with a guard that re-reads the pool; [`dispatch`] marks a backend unreachable on a
+//! request that was not delivered and hands back deliveries waiting for a backend;
+//! [`backend::probe`] probes unreachable backends, [`backend::health`] runs the health
+//! checks; [`admin`] shows it on /readyz (`unusable_backends`).
 
 #![warn(missing_docs)]
 
