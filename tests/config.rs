@@ -126,6 +126,54 @@ fn every_type_error_is_reported_with_its_source() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 11: the TLS files are read and parsed at validation; a missing or unusable file
+/// exits 78 naming its key.
+#[test]
+fn bad_tls_files_exit_78_naming_the_key() {
+    let dir = std::env::temp_dir().join(support::unique("cfg-tls"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
+    let run = |env: &[(&str, &str)]| {
+        let out = sidecar_cmd()
+            .arg("check-config")
+            .env("AMQP_SIDECAR_AMQP__QUEUE", "orders")
+            .env("AMQP_SIDECAR_BACKENDS", "https://127.0.0.1:8443/")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(78), "{stderr}");
+        stderr
+    };
+    let missing = dir.join("missing.pem");
+    let stderr = run(&[(
+        "AMQP_SIDECAR_BACKEND__CA_FILE",
+        missing.to_str().expect("utf-8"),
+    )]);
+    assert!(
+        stderr.contains("backend.ca_file (from env AMQP_SIDECAR_BACKEND__CA_FILE)"),
+        "{stderr}"
+    );
+    let stderr = run(&[(
+        "AMQP_SIDECAR_BACKEND__CA_FILE",
+        not_pem.to_str().expect("utf-8"),
+    )]);
+    assert!(
+        stderr.contains("backend.ca_file") && stderr.contains("no PEM certificate"),
+        "{stderr}"
+    );
+    let stderr = run(&[(
+        "AMQP_SIDECAR_BACKEND__CLIENT_CERT_FILE",
+        not_pem.to_str().expect("utf-8"),
+    )]);
+    assert!(
+        stderr.contains("backend.client_key_file") && stderr.contains("must be set"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn check_config_prints_effective_config_without_the_password() {
     let out = sidecar_cmd()
