@@ -16,7 +16,7 @@ use std::{
     num::NonZeroUsize,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -149,13 +149,33 @@ enum CopyState {
 /// One copy in flight.
 struct Copy {
     state: watch::Sender<CopyState>,
-    /// Set when its caller gave up after it was sent: the copy is then in `late` and in the
-    /// [`metrics::DEAD_LETTER_UNCONFIRMED`] gauge.
+    /// True while its caller has given up and the confirm is still outstanding: counted
+    /// in the [`metrics::DEAD_LETTER_UNCONFIRMED`] gauge. Changed only under the state's
+    /// watch lock.
     late: AtomicBool,
 }
 
 /// Most copies remembered as sent-but-unconfirmed; the oldest are forgotten beyond this.
 const LATE_CAPACITY: usize = 10_000;
+
+/// How long a late copy is remembered (1 h): its original comes back within a backoff, or
+/// within the alarm that delayed the confirm.
+const LATE_TTL: Duration = Duration::from_secs(3_600);
+
+/// A copy remembered as late, and when.
+struct Late {
+    copy: Arc<Copy>,
+    at: Instant,
+}
+
+impl Late {
+    fn new(copy: Arc<Copy>) -> Self {
+        Self {
+            copy,
+            at: Instant::now(),
+        }
+    }
+}
 
 /// How long closing the publishing channel may take at shutdown (the connection may be
 /// blocked, and then nothing can be written).
@@ -164,13 +184,19 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the publishing tasks share.
 struct Inner {
     pool: deadpool_lapin::Pool,
-    channel: Mutex<Option<Channel>>,
+    channel: Mutex<Option<(Channel, u64)>>,
     /// The pool connection whose events are watched.
     watched: std::sync::Mutex<Option<deadpool_lapin::ObjectId>>,
     /// `Some(reason)` while the broker blocks the publishing connection.
     blocked: watch::Sender<Option<String>>,
     /// Copies sent whose caller stopped waiting, by [`content_key`](crate::retry::DeliveryIdentity::content_key).
-    late: std::sync::Mutex<LruCache<u64, Arc<Copy>>>,
+    late: std::sync::Mutex<LruCache<u64, Late>>,
+    /// The cached channel is used only while this matches the epoch it was opened in; a
+    /// late confirm or a channel error moves it on.
+    channel_epoch: AtomicU64,
+    /// Bumped with each new pool connection, so an old connection's event listener cannot
+    /// overwrite the new one's blocked state.
+    connection_generation: Arc<AtomicU64>,
     exchange: String,
     routing_key: String,
     queue: String,
@@ -235,6 +261,8 @@ impl DeadLetterPublisher {
             inner: Arc::new(Inner {
                 pool,
                 channel: Mutex::new(None),
+                channel_epoch: AtomicU64::new(0),
+                connection_generation: Arc::new(AtomicU64::new(0)),
                 watched: std::sync::Mutex::new(None),
                 blocked: watch::Sender::new(None),
                 late: std::sync::Mutex::new(LruCache::new(
@@ -263,15 +291,18 @@ impl DeadLetterPublisher {
     /// Stores a copy of the message (`body`, `properties`) with the `x-sidecar-*` headers
     /// added, and waits for the broker's confirm, at most `dead_letter.confirm_timeout_ms`.
     /// `key` identifies the message's content
-    /// ([`DeliveryIdentity::content_key`](crate::retry::DeliveryIdentity::content_key)); an
-    /// earlier copy of the same content that was confirmed late counts as stored (see the
-    /// type's docs). `cancel` (shutdown's drain deadline) ends the wait early.
+    /// ([`DeliveryIdentity::content_key`](crate::retry::DeliveryIdentity::content_key)). On a
+    /// redelivery (`redelivered`), an earlier copy of the same content sent within the last
+    /// hour and confirmed late counts as stored (see the type's docs); a first delivery
+    /// never reuses one, so a new message that happens to have the same content gets its own
+    /// copy. `cancel` (shutdown's drain deadline) ends the wait early.
     ///
     /// # Errors
     /// A [`DeadLetterError`]; the caller must then requeue the original.
     pub async fn publish(
         &self,
         key: u64,
+        redelivered: bool,
         body: Bytes,
         properties: &BasicProperties,
         failure: &Failure,
@@ -279,7 +310,7 @@ impl DeadLetterPublisher {
     ) -> Result<Stored, DeadLetterError> {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.confirm_timeout;
-        if let Some(earlier) = inner.late_copy(key) {
+        if let Some(earlier) = inner.late_copy(key).filter(|_| redelivered) {
             let mut state = earlier.state.subscribe();
             let settled = tokio::select! {
                 () = cancel.cancelled() => return Err(DeadLetterError::Cancelled),
@@ -317,14 +348,14 @@ impl DeadLetterPublisher {
         match finished {
             Some(CopyState::Stored) => Ok(Stored::Now),
             Some(CopyState::Failed(e)) => Err(e),
-            _ => Err(inner.give_up(key, &copy, cancel.is_cancelled())),
+            _ => inner.give_up(key, &copy, cancel.is_cancelled()),
         }
     }
 
     /// Closes the publishing channel and pool. Copies still unconfirmed then fail.
     pub async fn close(&self) {
         let channel = self.inner.channel.lock().await.take();
-        if let Some(ch) = channel {
+        if let Some((ch, _)) = channel {
             let _ =
                 tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, ShortString::from("shutdown")))
                     .await;
@@ -334,14 +365,27 @@ impl DeadLetterPublisher {
 }
 
 impl Inner {
+    /// The late copy of this content, if one was sent within [`LATE_TTL`].
     fn late_copy(&self, key: u64) -> Option<Arc<Copy>> {
-        lock(&self.late).get(&key).cloned()
+        let mut late = lock(&self.late);
+        match late.get(&key) {
+            Some(l) if l.at.elapsed() < LATE_TTL => Some(Arc::clone(&l.copy)),
+            Some(_) => {
+                if let Some(old) = late.pop(&key)
+                    && old.copy.late.swap(false, Ordering::SeqCst)
+                {
+                    metrics::dead_letter_unconfirmed(-1.0);
+                }
+                None
+            }
+            None => None,
+        }
     }
 
     /// Removes `copy` from the late copies, if it is still the one under `key`.
     fn forget_late(&self, key: u64, copy: &Arc<Copy>) {
         let mut late = lock(&self.late);
-        if late.peek(&key).is_some_and(|c| Arc::ptr_eq(c, copy)) {
+        if late.peek(&key).is_some_and(|l| Arc::ptr_eq(&l.copy, copy)) {
             late.pop(&key);
             if copy.late.swap(false, Ordering::SeqCst) {
                 metrics::dead_letter_unconfirmed(-1.0);
@@ -350,53 +394,63 @@ impl Inner {
     }
 
     /// The caller stops waiting for `copy`. Not sent yet: it never will be. Sent: it is
-    /// remembered, and the channel is retired so later copies go on a fresh one.
-    fn give_up(&self, key: u64, copy: &Arc<Copy>, cancelled: bool) -> DeadLetterError {
-        let mut failed = None;
-        copy.state.send_if_modified(|s| match s {
-            CopyState::NotSent => {
-                *s = CopyState::Abandoned;
-                true
-            }
-            CopyState::Failed(e) => {
-                failed = Some(e.clone());
-                false
-            }
-            _ => false,
+    /// remembered as late, and the channel is retired so later copies go on a fresh one.
+    /// Stored or failed just now: that is the answer. Every step reads and writes the copy's
+    /// state under its watch lock, so it cannot interleave with [`Inner::store`].
+    fn give_up(
+        &self,
+        key: u64,
+        copy: &Arc<Copy>,
+        cancelled: bool,
+    ) -> Result<Stored, DeadLetterError> {
+        let mut seen = None;
+        copy.state.send_if_modified(|s| {
+            seen = Some(match s {
+                CopyState::NotSent => {
+                    *s = CopyState::Abandoned;
+                    return true;
+                }
+                CopyState::Sent => {
+                    // Counted under the lock; `store` uncounts under it too.
+                    if !copy.late.swap(true, Ordering::SeqCst) {
+                        metrics::dead_letter_unconfirmed(1.0);
+                    }
+                    Ok(false)
+                }
+                CopyState::Stored => Ok(true),
+                CopyState::Failed(e) => Err(e.clone()),
+                CopyState::Abandoned => Ok(false),
+            });
+            false
         });
-        // It failed just as the wait ended: nothing to remember. (One confirmed just now is
-        // remembered below, so the original's next delivery is acked without a new copy.)
-        if let Some(e) = failed {
-            return e;
-        }
-        let sent = matches!(*copy.state.borrow(), CopyState::Sent | CopyState::Stored);
+        let sent = match seen {
+            Some(Ok(true)) => return Ok(Stored::Now),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(false)) => copy.late.load(Ordering::SeqCst),
+            None => false,
+        };
         if sent {
             let mut late = lock(&self.late);
-            if let Some((_, evicted)) = late.push(key, Arc::clone(copy))
-                && !Arc::ptr_eq(&evicted, copy)
-                && evicted.late.swap(false, Ordering::SeqCst)
+            if let Some((_, evicted)) = late.push(key, Late::new(Arc::clone(copy)))
+                && !Arc::ptr_eq(&evicted.copy, copy)
+                && evicted.copy.late.swap(false, Ordering::SeqCst)
             {
                 metrics::dead_letter_unconfirmed(-1.0);
-            }
-            if !copy.late.swap(true, Ordering::SeqCst) {
-                metrics::dead_letter_unconfirmed(1.0);
             }
             drop(late);
             self.retire_channel();
         }
-        match self.blocked.borrow().clone() {
+        Err(match self.blocked.borrow().clone() {
             _ if cancelled => DeadLetterError::Cancelled,
             Some(reason) if !sent => DeadLetterError::Blocked(reason),
             _ => DeadLetterError::ConfirmTimeout(self.confirm_timeout),
-        }
+        })
     }
 
     /// Later copies use a fresh channel; the retired one closes when its last pending
     /// confirm is in (lapin closes a channel when its last handle drops).
     fn retire_channel(&self) {
-        if let Ok(mut cached) = self.channel.try_lock() {
-            *cached = None;
-        }
+        self.channel_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The task behind one copy: get a channel, send unless the caller gave up, await the
@@ -409,6 +463,8 @@ impl Inner {
         props: BasicProperties,
     ) {
         let result = self.send_and_confirm(&copy, &body, props).await;
+        // A copy abandoned before it was sent failed on purpose; the channel is fine.
+        let channel_failed = matches!(&result, Err(e) if !matches!(e, DeadLetterError::Cancelled));
         let failed = result.is_err();
         copy.state.send_modify(|s| {
             if !matches!(s, CopyState::Abandoned) {
@@ -417,15 +473,18 @@ impl Inner {
                     Err(e) => CopyState::Failed(e),
                 };
             }
+            // Under the same lock as `give_up`'s count: no longer unconfirmed. A confirmed
+            // copy stays in `late`, so the original's next delivery finds it.
+            if copy.late.swap(false, Ordering::SeqCst) {
+                metrics::dead_letter_unconfirmed(-1.0);
+            }
         });
+        if channel_failed {
+            self.retire_channel();
+        }
         if failed {
-            *self.channel.lock().await = None;
             // A failed late copy is nothing to remember: the next attempt publishes anew.
             self.forget_late(key, &copy);
-        } else if copy.late.swap(false, Ordering::SeqCst) {
-            // Confirmed late: stays in `late` (the original's next delivery finds it) but
-            // is no longer unconfirmed.
-            metrics::dead_letter_unconfirmed(-1.0);
         }
     }
 
@@ -482,7 +541,11 @@ impl Inner {
 
     async fn channel(&self) -> Result<Channel, DeadLetterError> {
         let mut cached = self.channel.lock().await;
-        if let Some(ch) = cached.as_ref().filter(|c| c.status().connected()) {
+        let epoch = self.channel_epoch.load(Ordering::SeqCst);
+        if let Some((ch, _)) = cached
+            .as_ref()
+            .filter(|(c, e)| *e == epoch && c.status().connected())
+        {
             return Ok(ch.clone());
         }
         *cached = None;
@@ -499,7 +562,7 @@ impl Inner {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| DeadLetterError::Unavailable(super::describe(&e)))?;
-        *cached = Some(ch.clone());
+        *cached = Some((ch.clone(), epoch));
         Ok(ch)
     }
 
@@ -514,10 +577,15 @@ impl Inner {
             }
             *watched = Some(id);
         }
+        let generation = self.connection_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let current = Arc::clone(&self.connection_generation);
         let blocked = self.blocked.clone();
+        // Only the newest connection's listener speaks for the blocked state.
         let set = move |reason: Option<String>| {
-            metrics::set_dead_letter_blocked(reason.is_some());
-            blocked.send_replace(reason);
+            if current.load(Ordering::SeqCst) == generation {
+                metrics::set_dead_letter_blocked(reason.is_some());
+                blocked.send_replace(reason);
+            }
         };
         set(conn.status().blocked().then(String::new));
         let mut events = Box::pin(conn.events_listener());
@@ -532,10 +600,12 @@ impl Inner {
                         tracing::info!("the broker unblocked the dead-letter connection");
                         set(None);
                     }
+                    // A failed connection is blocked no more: its successor starts
+                    // unblocked, and a dead-letter must get to open it.
+                    Event::Error(_) | Event::Connected => set(None),
                     _ => {}
                 }
             }
-            // The connection is gone; its successor starts unblocked.
             set(None);
         });
     }

@@ -357,7 +357,9 @@ fn classify(e: reqwest::Error, timeout: Duration) -> BackendError {
 
 /// True when hyper says the request was canceled before it was sent (its connection closed
 /// first); hyper-util retries that once on a fresh connection when it can, so this is what
-/// is left when the retry failed too.
+/// is left when the retry failed too. hyper also reports "canceled" when its connection
+/// task is gone, which could in theory follow a written request; that is rare enough
+/// (a hyper-internal failure) to accept.
 fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(e);
     while let Some(err) = current {
@@ -371,15 +373,44 @@ fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// True when a TLS error is in `e`'s chain. tokio-rustls wraps it in an `io::Error`, whose
-/// `source()` skips the wrapped error, so `get_ref()` is checked too.
+/// True when `e`'s chain holds a TLS error that rejects the session itself: a certificate
+/// that is not trusted or not presented, an incompatible peer, or an alert that refuses the
+/// handshake or the client's certificate (TLS 1.3 servers send those after the client's
+/// side of the handshake is done). No TLS server hands the request to its application
+/// before the session is up, so the worker never saw it. Other TLS errors (a bad record
+/// later on) may come after the worker processed the request, and stay attempts.
+/// tokio-rustls wraps the error in an `io::Error`, whose `source()` skips it, so
+/// `get_ref()` is checked too.
 fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let rejects_session = |e: &rustls::Error| match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_) => true,
+        rustls::Error::AlertReceived(alert) => matches!(
+            alert,
+            A::CertificateRequired
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::HandshakeFailure
+                | A::ProtocolVersion
+                | A::InsufficientSecurity
+        ),
+        _ => false,
+    };
     let mut current = Some(e);
     while let Some(err) = current {
-        let wrapped = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref);
-        if err.is::<rustls::Error>() || wrapped.is_some_and(|w| w.is::<rustls::Error>()) {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|w| w.downcast_ref::<rustls::Error>())
+        });
+        if tls.is_some_and(rejects_session) {
             return true;
         }
         current = err.source();

@@ -54,7 +54,12 @@ impl Probe {
             Some(h) => Self::HealthCheck(h),
             None if url.scheme() == "https" => Self::Head(url.clone()),
             None => Self::Tcp {
-                host: url.host_str().unwrap_or("localhost").to_owned(),
+                // An IPv6 literal without its brackets, so it is not looked up as a name.
+                host: match url.host() {
+                    Some(url::Host::Ipv6(a)) => a.to_string(),
+                    Some(h) => h.to_string(),
+                    None => "localhost".to_owned(),
+                },
                 port: url.port_or_known_default().unwrap_or(80),
             },
         }
@@ -159,8 +164,7 @@ impl Prober {
                     Arc::clone(&probing),
                 );
                 tasks.spawn(async move {
-                    probe_until_reached(&pool, &target, &client, &stop).await;
-                    probing[slot].store(false, Ordering::SeqCst);
+                    probe_until_reached(&pool, &target, &client, &stop, &probing[slot]).await;
                 });
             }
             tokio::select! {
@@ -173,17 +177,22 @@ impl Prober {
     }
 }
 
+/// Probes `target` until it is reached, is no longer unreachable, or `stop`. Clears
+/// `probing` before it marks the backend reached, so a refusal right after (a request that
+/// started before the return) finds no probe running and starts a new one.
 async fn probe_until_reached(
     pool: &Pool,
     target: &ProbeTarget,
     client: &reqwest::Client,
     stop: &CancellationToken,
+    probing: &AtomicBool,
 ) {
+    let done = || probing.store(false, Ordering::SeqCst);
     let mut delay = FIRST_PROBE;
     let mut last_error = String::new();
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return done(),
             () = tokio::time::sleep(delay) => {}
         }
         if !pool
@@ -191,11 +200,12 @@ async fn probe_until_reached(
             .iter()
             .any(|(i, _)| *i == target.index)
         {
-            return;
+            return done();
         }
         match target.probe.run(client).await {
             Ok(()) => {
                 tracing::info!(backend = %target.label, "probe reached the backend: it takes deliveries again");
+                done();
                 pool.reached(target.index);
                 return;
             }
@@ -207,5 +217,65 @@ async fn probe_until_reached(
             }
         }
         delay = (delay * 2).min(MAX_PROBE_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::{balance, config::EjectionConfig};
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A backend re-marked unreachable right after a probe reached it is probed again: the
+    /// probe task lets go of the backend before it marks it reached, so the new mark finds
+    /// no probe running and starts one. Also: an IPv6 literal is probed as an address.
+    #[tokio::test]
+    async fn a_backend_marked_again_after_it_was_reached_is_probed_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        let pool = Pool::new(
+            &[(1, 1)],
+            balance::strategy(crate::config::BalancerKind::LeastInFlight),
+            EjectionConfig::default(),
+            balance::Hooks::none(),
+        );
+        let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}/")).expect("url");
+        let target = ProbeTarget {
+            index: 0,
+            label: "b".into(),
+            probe: Probe::for_backend(&url, None),
+        };
+        let stop = CancellationToken::new();
+        crate::tls::install_provider();
+        let prober = tokio::spawn(
+            Prober::new(Arc::clone(&pool), vec![target], reqwest::Client::new()).run(stop.clone()),
+        );
+        for round in 0..20 {
+            pool.mark_unreachable(0, "refused");
+            wait_for(&format!("reached, round {round}"), || {
+                pool.unreachable_now().is_empty()
+            })
+            .await;
+        }
+        stop.cancel();
+        prober.await.expect("prober");
+
+        let v6 = reqwest::Url::parse("http://[::1]:8080/").expect("url");
+        match Probe::for_backend(&v6, None) {
+            Probe::Tcp { host, port } => assert_eq!((host.as_str(), port), ("::1", 8080)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -4,8 +4,9 @@
 //! - [`Pool`] measures load: it owns each backend's in-flight count (the backend's queue
 //!   length) and hands out a [`Lease`] that decrements it when dropped, so a count can never
 //!   leak, whatever path a delivery takes. It also owns each backend's usability: passive
-//!   ejection (outlier detection) after consecutive retryable failures, and the health flag
-//!   that active health checks set.
+//!   ejection (outlier detection) after consecutive retryable failures, the health flag
+//!   that active health checks set, and reachability (a request that was not delivered
+//!   marks a backend unreachable until a probe reaches it).
 //! - [`Balance`] chooses: given a snapshot of every backend's load it returns the index of
 //!   one that is usable and has free capacity. Strategies live beside it.
 //!
@@ -45,7 +46,7 @@ pub struct Load {
     pub max_in_flight: u32,
     /// Relative capacity (≥ 1).
     pub weight: u32,
-    /// False while the backend is ejected or unhealthy.
+    /// False while the backend is ejected, unhealthy or unreachable.
     pub usable: bool,
 }
 
@@ -131,7 +132,9 @@ pub enum Unusable {
 pub enum Observed {
     /// The backend answered (2xx, or a 4xx that is the message's fault).
     Answered,
-    /// A retryable failure: 5xx, 408, 429, timeout, refused or reset connection.
+    /// A retryable failure after the request reached the worker (or may have): 5xx, 408,
+    /// 429, timeout, a reset after sending. A request that was not delivered is reported
+    /// with [`Pool::mark_unreachable`] instead.
     Failed,
 }
 
@@ -470,8 +473,8 @@ impl Pool {
         self.update(Instant::now(), |_| ());
     }
 
-    /// True when backend `index` may take requests now (healthy and not ejected). Reads
-    /// only.
+    /// True when backend `index` may take requests now (healthy, reachable and not
+    /// ejected). Reads only.
     #[must_use]
     pub fn is_usable(&self, index: usize) -> bool {
         self.lock().usable_at(index, Instant::now())

@@ -199,14 +199,17 @@ impl Dispatcher {
                     body.clone(),
                 ) => r.map(|_| ()),
             };
-            drop(lease);
             if let Err(e) = &result
                 && e.is_not_delivered()
             {
+                // Marked before the slot is released, so the delivery the release wakes
+                // does not pick the same backend.
                 self.upstreams.pool.mark_unreachable(index, &e.to_string());
+                drop(lease);
                 tracing::debug!(backend = %backend.label, error = %e, "not delivered; not counted as an attempt, trying another backend");
                 continue;
             }
+            drop(lease);
             if let Err(e) = &result
                 && e.is_local()
             {
@@ -254,6 +257,7 @@ impl Dispatcher {
                         .dead_letter
                         .publish(
                             held.identity().content_key(),
+                            held.redelivered,
                             held.body.clone(),
                             &held.properties,
                             &failure,

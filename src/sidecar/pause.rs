@@ -55,7 +55,7 @@ impl Sidecar {
     }
 }
 
-/// While paused, TCP-probes the unusable backends that have no active health check, and
+/// While paused, TCP-probes the ejected backends that have no active health check, and
 /// readmits the first that accepts a connection. (Health-checked backends come back through
 /// their checks.) Probes connect only: no message is consumed to find out.
 pub(super) async fn probe_unusable(
@@ -69,9 +69,15 @@ pub(super) async fn probe_unusable(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Unreachable backends are the prober's: a TCP connect cannot end that (a TLS
+        // backend can accept TCP and still refuse the handshake).
+        let unreachable: Vec<usize> = pool.unreachable_now().into_iter().map(|(i, _)| i).collect();
         for &(i, addr) in &targets {
             let Some(addr) = addr else { continue };
-            if !pool.is_usable(i) && crate::backend::health::tcp_probe(addr, PROBE_INTERVAL).await {
+            if !pool.is_usable(i)
+                && !unreachable.contains(&i)
+                && crate::backend::health::tcp_probe(addr, PROBE_INTERVAL).await
+            {
                 tracing::info!(backend = i, %addr, "probe connected: readmitting the backend");
                 pool.readmit(i);
             }
