@@ -79,8 +79,16 @@ async fn work(State(w): State<Arc<Worker>>, headers: HeaderMap, body: Bytes) -> 
     w.requests.fetch_add(1, Ordering::Relaxed);
     let now = w.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     w.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Decrements when the request ends, also when a restart cuts it mid-sleep.
+    struct InFlight<'a>(&'a AtomicUsize);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let slot = InFlight(&w.in_flight);
     tokio::time::sleep(w.latency).await;
-    w.in_flight.fetch_sub(1, Ordering::SeqCst);
+    drop(slot);
     let status = if body.starts_with(b"poison-4xx") {
         StatusCode::UNPROCESSABLE_ENTITY
     } else if body.starts_with(b"poison-5xx") || rand::rng().random_bool(w.failure_rate) {
