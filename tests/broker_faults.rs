@@ -292,7 +292,6 @@ async fn a_memory_alarm_blocks_dead_letters_but_not_good_messages_and_no_copy_is
     let alarm = MemoryAlarm::raise().await;
     let mut sidecar = spawn_binary(&cfg);
     sidecar.wait_ready().await;
-    let metrics = format!("http://{}/metrics", sidecar.admin);
     let readyz = format!("http://{}/readyz", sidecar.admin);
     wait_until(
         "the 30 good messages flow under the alarm",
@@ -304,11 +303,10 @@ async fn a_memory_alarm_blocks_dead_letters_but_not_good_messages_and_no_copy_is
         "the blocked dead-letter connection is reported",
         Duration::from_secs(30),
         || async {
-            metric_value(
-                &get_text(&metrics).await,
-                "amqp_sidecar_dead_letter_blocked",
-                &[],
-            ) == 1.0
+            sidecar
+                .metric("amqp_sidecar_dead_letter_blocked", &[])
+                .await
+                == 1.0
                 && get_text(&readyz)
                     .await
                     .contains("blocks the dead-letter connection")
@@ -331,28 +329,33 @@ async fn a_memory_alarm_blocks_dead_letters_but_not_good_messages_and_no_copy_is
         "the waiting dead-letters give up and requeue",
         Duration::from_secs(30),
         || async {
-            metric_value(
-                &get_text(&metrics).await,
-                "amqp_sidecar_dead_letter_failures_total",
-                &[],
-            ) >= 6.0
+            sidecar
+                .metric("amqp_sidecar_dead_letter_failures_total", &[])
+                .await
+                >= 6.0
         },
     )
     .await;
-    let failures = metric_value(
-        &get_text(&metrics).await,
-        "amqp_sidecar_dead_letter_failures_total",
-        &[],
-    );
+    let failures = sidecar
+        .metric("amqp_sidecar_dead_letter_failures_total", &[])
+        .await;
     alarm.lift().await;
     wait_until(
         "the 3 rejected messages dead-lettered after the alarm, no copy unconfirmed",
         Duration::from_secs(60),
         || async {
-            let m = get_text(&metrics).await;
-            metric_value(&m, "amqp_sidecar_dead_letters_total", &[("queue", &queue)]) == 3.0
-                && metric_value(&m, "amqp_sidecar_dead_letter_unconfirmed", &[]) == 0.0
-                && metric_value(&m, "amqp_sidecar_dead_letter_blocked", &[]) == 0.0
+            sidecar
+                .metric("amqp_sidecar_dead_letters_total", &[("queue", &queue)])
+                .await
+                == 3.0
+                && sidecar
+                    .metric("amqp_sidecar_dead_letter_unconfirmed", &[])
+                    .await
+                    == 0.0
+                && sidecar
+                    .metric("amqp_sidecar_dead_letter_blocked", &[])
+                    .await
+                    == 0.0
                 && try_ready(&conn, &queue).await == Some(0)
         },
     )

@@ -59,20 +59,18 @@ async fn a_worker_down_for_10_s_costs_no_attempt_and_nothing_is_dead_lettered() 
     let down_at = Instant::now();
     let sidecars: Vec<Process> = runs.iter().map(|(_, _, cfg)| spawn_binary(cfg)).collect();
     for (s, (kind, _, _)) in sidecars.iter().zip(&runs) {
-        let metrics = format!("http://{}/metrics", s.admin);
         let readyz = format!("http://{}/readyz", s.admin);
         wait_until(
             &format!("{kind:?}: paused, unready, the backend named unreachable"),
             Duration::from_secs(10),
             || async {
-                let m = http().get(&metrics).send().await;
-                let Ok(m) = m else { return false };
-                let m = m.text().await.unwrap_or_default();
+                if s.readyz().await != Some(503) {
+                    return false;
+                }
                 let r = get_text(&readyz).await;
-                metric_value(&m, "amqp_sidecar_paused", &[]) == 1.0
-                    && metric_value(&m, "amqp_sidecar_backend_unreachable", &[]) == 1.0
-                    && metric_value(&m, "amqp_sidecar_backend_healthy", &[]) == 0.0
-                    && s.readyz().await == Some(503)
+                s.metric("amqp_sidecar_paused", &[]).await == 1.0
+                    && s.metric("amqp_sidecar_backend_unreachable", &[]).await == 1.0
+                    && s.metric("amqp_sidecar_backend_healthy", &[]).await == 0.0
                     && r.contains("unreachable")
                     && r.contains("Connection refused")
             },

@@ -195,11 +195,7 @@ async fn probe_until_reached(
             () = stop.cancelled() => return done(),
             () = tokio::time::sleep(delay) => {}
         }
-        if !pool
-            .unreachable_now()
-            .iter()
-            .any(|(i, _)| *i == target.index)
-        {
+        if !pool.is_unreachable(target.index) {
             return done();
         }
         match target.probe.run(client).await {

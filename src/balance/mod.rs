@@ -421,6 +421,12 @@ impl Pool {
         });
     }
 
+    /// True while backend `index` is unreachable. Reads only.
+    #[must_use]
+    pub fn is_unreachable(&self, index: usize) -> bool {
+        self.lock().unreachable[index].is_some()
+    }
+
     /// The backends that are unreachable now, with the reason.
     #[must_use]
     pub fn unreachable_now(&self) -> Vec<(usize, String)> {

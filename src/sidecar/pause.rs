@@ -71,11 +71,10 @@ pub(super) async fn probe_unusable(
         }
         // Unreachable backends are the prober's: a TCP connect cannot end that (a TLS
         // backend can accept TCP and still refuse the handshake).
-        let unreachable: Vec<usize> = pool.unreachable_now().into_iter().map(|(i, _)| i).collect();
         for &(i, addr) in &targets {
             let Some(addr) = addr else { continue };
             if !pool.is_usable(i)
-                && !unreachable.contains(&i)
+                && !pool.is_unreachable(i)
                 && crate::backend::health::tcp_probe(addr, PROBE_INTERVAL).await
             {
                 tracing::info!(backend = i, %addr, "probe connected: readmitting the backend");

@@ -848,6 +848,18 @@ pub fn spawn_binary_with_env(cfg: &Config, env: &[(&str, &str)]) -> Process {
 }
 
 impl Process {
+    /// The sum of the samples of `name` (from this binary's /metrics) whose label set
+    /// contains every `labels` pair; 0 while the admin server does not answer yet.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        match http()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+        {
+            Ok(r) => metric_value(&r.text().await.unwrap_or_default(), name, labels),
+            Err(_) => 0.0,
+        }
+    }
     /// What the binary logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.0.join("sidecar.log")).unwrap_or_default()

@@ -121,6 +121,16 @@ struct Copy {
     late: AtomicBool,
 }
 
+impl Copy {
+    /// No longer waited for as late: uncounts it from the unconfirmed gauge if it was
+    /// counted. Every decrement goes through here, so the gauge cannot go below 0.
+    fn unmark_late(&self) {
+        if self.late.swap(false, Ordering::SeqCst) {
+            metrics::dead_letter_unconfirmed(-1.0);
+        }
+    }
+}
+
 /// Most copies remembered as sent-but-unconfirmed; the oldest are forgotten beyond this.
 const LATE_CAPACITY: usize = 10_000;
 
@@ -337,10 +347,8 @@ impl Inner {
         match late.get(&key) {
             Some(l) if l.at.elapsed() < LATE_TTL => Some(Arc::clone(&l.copy)),
             Some(_) => {
-                if let Some(old) = late.pop(&key)
-                    && old.copy.late.swap(false, Ordering::SeqCst)
-                {
-                    metrics::dead_letter_unconfirmed(-1.0);
+                if let Some(old) = late.pop(&key) {
+                    old.copy.unmark_late();
                 }
                 None
             }
@@ -353,9 +361,7 @@ impl Inner {
         let mut late = lock(&self.late);
         if late.peek(&key).is_some_and(|l| Arc::ptr_eq(&l.copy, copy)) {
             late.pop(&key);
-            if copy.late.swap(false, Ordering::SeqCst) {
-                metrics::dead_letter_unconfirmed(-1.0);
-            }
+            copy.unmark_late();
         }
     }
 
@@ -399,9 +405,8 @@ impl Inner {
             let mut late = lock(&self.late);
             if let Some((_, evicted)) = late.push(key, Late::new(Arc::clone(copy)))
                 && !Arc::ptr_eq(&evicted.copy, copy)
-                && evicted.copy.late.swap(false, Ordering::SeqCst)
             {
-                metrics::dead_letter_unconfirmed(-1.0);
+                evicted.copy.unmark_late();
             }
             drop(late);
             self.retire_channel();
@@ -441,9 +446,7 @@ impl Inner {
             }
             // Under the same lock as `give_up`'s count: no longer unconfirmed. A confirmed
             // copy stays in `late`, so the original's next delivery finds it.
-            if copy.late.swap(false, Ordering::SeqCst) {
-                metrics::dead_letter_unconfirmed(-1.0);
-            }
+            copy.unmark_late();
         });
         if channel_failed {
             self.retire_channel();
