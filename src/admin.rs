@@ -35,6 +35,8 @@ use serde::Serialize;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::capacity::Target;
+
 /// Most admin connections open at once. Prometheus and the kubelet need a handful; 64 leaves
 /// room for several scrapers and probes, and bounds the descriptors an attacker can hold.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -48,7 +50,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ReadinessState {
     connected: AtomicBool,
     consumers: AtomicUsize,
-    expected_consumers: AtomicUsize,
+    consumer_target: Mutex<Target>,
     usable_backends: AtomicUsize,
     draining: AtomicBool,
     paused: AtomicBool,
@@ -75,8 +77,11 @@ pub struct Readiness {
     pub connected: bool,
     /// Consumers subscribed now.
     pub consumers: usize,
-    /// Consumers the sidecar wants.
+    /// Consumers the sidecar wants: `consumer_target`'s total.
     pub expected_consumers: usize,
+    /// Why it wants that many: consumers for the backend slots, and consumers opened in
+    /// place of deliveries waiting out a backoff (see [`crate::capacity`]).
+    pub consumer_target: Target,
     /// Backends that can take requests.
     pub usable_backends: usize,
     /// Shutdown has started.
@@ -113,9 +118,9 @@ impl ReadinessState {
         crate::metrics::set_consumers(n);
     }
 
-    /// Records the number of consumers the sidecar wants.
-    pub fn set_expected_consumers(&self, n: usize) {
-        self.expected_consumers.store(n, Ordering::SeqCst);
+    /// Records how many consumers the sidecar wants, and why.
+    pub fn set_consumer_target(&self, target: Target) {
+        *lock(&self.consumer_target) = target;
     }
 
     /// Records how many backends can take requests.
@@ -156,7 +161,7 @@ impl ReadinessState {
     pub fn readiness(&self) -> Readiness {
         let connected = self.connected.load(Ordering::SeqCst);
         let consumers = self.consumers.load(Ordering::SeqCst);
-        let expected_consumers = self.expected_consumers.load(Ordering::SeqCst);
+        let consumer_target = *lock(&self.consumer_target);
         let usable_backends = self.usable_backends.load(Ordering::SeqCst);
         let draining = self.draining.load(Ordering::SeqCst);
         let paused = self.paused.load(Ordering::SeqCst);
@@ -203,7 +208,8 @@ impl ReadinessState {
             warnings,
             connected,
             consumers,
-            expected_consumers,
+            expected_consumers: consumer_target.total() as usize,
+            consumer_target,
             usable_backends,
             draining,
             paused,

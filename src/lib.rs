@@ -10,10 +10,11 @@
 //! - [`config`]: serde structs and defaults (`config`), the figment sources, YAML + env
 //!   (`config::load`), and `validate()` (`config::validate`).
 //! - [`sidecar`]: the supervisor task: connect, topology, consumers, reconnect, drain; its
-//!   `pause` submodule waits while no backend is usable.
+//!   `consumers` submodule opens and cancels consumers to follow [`capacity`], its `pause`
+//!   submodule waits while no backend is usable.
 //! - [`amqp`]: the broker side: connection, topology, the consumer task (which hands each
-//!   delivery to a [`amqp::consumer::Handler`]), the dead-letter publisher (publisher
-//!   confirms, deadpool-lapin, resource alarms).
+//!   delivery to a [`amqp::consumer::Handler`]), the publisher of dead-letter and delay
+//!   copies (publisher confirms, deadpool-lapin, resource alarms), the delay tiers.
 //! - [`dispatch`]: one delivery's path; [`dispatch::decide`] is the single `match` from
 //!   [`dispatch::Outcome`] to [`dispatch::Settlement`], a pure function.
 //! - [`balance`]: the backend pool (in-flight counts behind a [`balance::Lease`] guard,
@@ -23,6 +24,8 @@
 //!   (attempted or not delivered), active health checks, the prober of unreachable
 //!   backends, and [`backend::upstreams::Upstreams`], which builds them all from config.
 //! - [`tls`]: the rustls client configuration for `https://` backends.
+//! - [`capacity`]: how many consumers are open and why (backend slots, plus one per
+//!   delivery waiting out a backoff); the supervisor follows its target.
 //! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and the one
 //!   backoff type (full jitter for retries, equal jitter for reconnects).
 //! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.
@@ -47,6 +50,7 @@ pub mod admin;
 pub mod amqp;
 pub mod backend;
 pub mod balance;
+pub mod capacity;
 pub mod config;
 pub mod demo;
 pub mod dispatch;

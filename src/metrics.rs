@@ -97,9 +97,17 @@ metric_table! {
     DEAD_LETTER_FAILURES = "amqp_sidecar_dead_letter_failures_total", Counter, Count, ["queue"],
         "Dead-letter publishes that failed; the original was requeued.";
     DEAD_LETTER_BLOCKED = "amqp_sidecar_dead_letter_blocked", Gauge, Count, [],
-        "1 while the broker blocks the dead-letter connection (a resource alarm), else 0; dead-letters wait, then requeue.";
+        "1 while the broker blocks the publishing connection of dead-letter and delay copies (a resource alarm), else 0; copies wait, then their originals are requeued.";
     DEAD_LETTER_UNCONFIRMED = "amqp_sidecar_dead_letter_unconfirmed", Gauge, Count, [],
         "Dead-letter copies sent but still unconfirmed after their wait timed out (the originals were requeued; each is acked without a second copy once its copy is confirmed).";
+    DELAYED = "amqp_sidecar_delayed_total", Counter, Count, ["queue"],
+        "retry.mode delay_queue: failed deliveries whose copy (with x-sidecar-attempts) was stored in a delay queue and whose original was acked.";
+    DELAY_FAILURES = "amqp_sidecar_delay_failures_total", Counter, Count, ["queue"],
+        "retry.mode delay_queue: delay-queue publishes that failed; the original was requeued with its backoff instead.";
+    RETRY_WAITING = "amqp_sidecar_retry_waiting", Gauge, Count, [],
+        "Deliveries waiting out a backoff in the sidecar now (retry.mode requeue), each with a consumer opened in its place up to retry.max_waiting.";
+    RETRY_BACKOFF_SKIPPED = "amqp_sidecar_retry_backoff_skipped_total", Counter, Count, [],
+        "Failed deliveries requeued without their backoff because retry.max_waiting deliveries were already waiting.";
     SETTLE_FAILURES = "amqp_sidecar_settle_failures_total", Counter, Count, ["queue"],
         "Settlements (ack, nack, reject) not sent because the delivery's channel had closed; the broker redelivers those messages.";
     BACKEND_REQUESTS = "amqp_sidecar_backend_requests_total", Counter, Count, ["backend", "outcome"],
@@ -208,6 +216,10 @@ pub struct QueueMetrics {
     pub releases: Counter,
     /// [`DEAD_LETTER_FAILURES`].
     pub dead_letter_failures: Counter,
+    /// [`DELAYED`].
+    pub delayed: Counter,
+    /// [`DELAY_FAILURES`].
+    pub delay_failures: Counter,
     /// [`SETTLE_FAILURES`].
     pub settle_failures: Counter,
     queue: String,
@@ -224,6 +236,8 @@ impl QueueMetrics {
             requeues: counter!(REQUEUES, "queue" => q.clone()),
             releases: counter!(RELEASES, "queue" => q.clone()),
             dead_letter_failures: counter!(DEAD_LETTER_FAILURES, "queue" => q.clone()),
+            delayed: counter!(DELAYED, "queue" => q.clone()),
+            delay_failures: counter!(DELAY_FAILURES, "queue" => q.clone()),
             settle_failures: counter!(SETTLE_FAILURES, "queue" => q.clone()),
             queue: q,
         }
@@ -294,6 +308,16 @@ pub fn dead_letter_unconfirmed(delta: f64) {
     gauge!(DEAD_LETTER_UNCONFIRMED).increment(delta);
 }
 
+/// Sets [`RETRY_WAITING`].
+pub fn set_retry_waiting(n: u32) {
+    gauge!(RETRY_WAITING).set(f64::from(n));
+}
+
+/// Increments [`RETRY_BACKOFF_SKIPPED`].
+pub fn retry_backoff_skipped() {
+    counter!(RETRY_BACKOFF_SKIPPED).increment(1);
+}
+
 /// Sets [`PAUSED`].
 pub fn set_paused(paused: bool) {
     gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
@@ -304,6 +328,7 @@ pub fn init_bug_counters() {
     counter!(PAUSE_SELF_CORRECTIONS).increment(0);
     gauge!(DEAD_LETTER_UNCONFIRMED).increment(0.0);
     counter!(UNPARSABLE_FRAMES).increment(0);
+    counter!(RETRY_BACKOFF_SKIPPED).increment(0);
 }
 
 /// Increments [`UNPARSABLE_FRAMES`].
@@ -576,6 +601,8 @@ mod tests {
             &q.requeues,
             &q.releases,
             &q.dead_letter_failures,
+            &q.delayed,
+            &q.delay_failures,
             &q.settle_failures,
         ] {
             c.increment(1);
@@ -594,6 +621,7 @@ mod tests {
         set_consumers(1);
         set_dead_letter_blocked(false);
         set_paused(false);
+        set_retry_waiting(0);
         init_bug_counters();
         connection_recovered();
         let text = handle.render();

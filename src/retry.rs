@@ -38,7 +38,7 @@ use lapin::types::AMQPValue;
 use lru::LruCache;
 use rand::Rng;
 
-use crate::config::{QueueType, RetryConfig};
+use crate::config::{JitterKind, QueueType, RetryConfig};
 
 /// Header quorum queues set on redelivered messages.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
@@ -65,15 +65,18 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// From `retry.backoff_initial_ms`, `retry.backoff_multiplier` and `retry.backoff_max_ms`,
-    /// with full jitter.
+    /// From `retry.backoff_initial_ms`, `retry.backoff_multiplier`, `retry.backoff_max_ms`
+    /// and `retry.jitter` (full by default).
     #[must_use]
     pub fn new(cfg: &RetryConfig) -> Self {
         Self {
             initial: Duration::from_millis(cfg.backoff_initial_ms),
             multiplier: cfg.backoff_multiplier,
             max: Duration::from_millis(cfg.backoff_max_ms),
-            jitter: Jitter::Full,
+            jitter: match cfg.jitter {
+                JitterKind::Full => Jitter::Full,
+                JitterKind::Equal => Jitter::Equal,
+            },
         }
     }
 
@@ -139,6 +142,9 @@ pub struct DeliveryIdentity<'a> {
     pub timestamp: Option<u64>,
     /// Routing key of the delivery.
     pub routing_key: &'a str,
+    /// Attempts used by earlier copies of the message (`x-sidecar-attempts` on a copy that
+    /// came back from a delay tier, see [`crate::amqp::delay`]); counted on from.
+    pub carried_attempts: Option<u32>,
 }
 
 impl DeliveryIdentity<'_> {
@@ -215,9 +221,11 @@ impl AttemptCounter {
         } else {
             None
         };
+        // A copy from a delay tier counts on from its earlier copies' attempts.
+        let carried = d.carried_attempts.unwrap_or(0);
         if let Some(count) = broker_count {
             return Attempt {
-                number: count.saturating_add(1),
+                number: carried.saturating_add(count).saturating_add(1),
                 local: false,
                 key: None,
             };
@@ -226,7 +234,7 @@ impl AttemptCounter {
         if !d.redelivered {
             // A first delivery, even of a reused message-id, starts over.
             return Attempt {
-                number: 1,
+                number: carried.saturating_add(1),
                 local,
                 key: None,
             };
@@ -236,9 +244,10 @@ impl AttemptCounter {
         // sees X-Amqp-Redelivered.
         let key = identity_key(d);
         let now = Instant::now();
+        // The map holds totals (carried attempts included).
         let previous = match self.lock().get(&key) {
             Some(e) if now.duration_since(e.seen) < self.ttl => e.attempts,
-            _ => 0,
+            _ => carried,
         };
         Attempt {
             number: previous.saturating_add(1),
@@ -283,7 +292,8 @@ impl AttemptCounter {
     }
 }
 
-fn as_count(v: &AMQPValue) -> Option<u32> {
+/// An AMQP integer as a count (negative values are 0); `None` for anything else.
+pub(crate) fn as_count(v: &AMQPValue) -> Option<u32> {
     let n: i128 = match v {
         AMQPValue::ShortShortInt(n) => (*n).into(),
         AMQPValue::ShortShortUInt(n) => (*n).into(),
@@ -399,6 +409,7 @@ mod tests {
             correlation_id: None,
             timestamp: None,
             routing_key: "rk",
+            carried_attempts: None,
         }
     }
 

@@ -155,6 +155,12 @@ impl<H: Handler> Consumer<H> {
         let _ = tokio::time::timeout(CANCEL_DRAIN, drain).await;
     }
 
+    /// Its index (part of its consumer tag).
+    #[must_use]
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// The consumer's channel (to close it once its deliveries are settled).
     #[must_use]
     pub fn channel(&self) -> Channel {

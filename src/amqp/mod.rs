@@ -1,13 +1,18 @@
-//! The broker side: connecting, topology, consuming, and the dead-letter publisher.
+//! The broker side: connecting, topology, consuming, and publishing copies.
 //!
-//! - [`topology`]: declare (or passively check) the queue, the DLX and the DLQ, with errors
-//!   that say how to fix a mismatch.
+//! - [`topology`]: declare (or passively check) the queue, the DLX, the DLQ and the delay
+//!   tiers, with errors that say how to fix a mismatch.
 //! - [`consumer`]: one consumer channel as a task struct with `run()`.
-//! - [`dead_letter`]: publishes dead-lettered copies with publisher confirms, through a
-//!   deadpool-lapin connection pool separate from the consuming connection.
+//! - [`publisher`]: publishes the sidecar's copies of a message with publisher confirms,
+//!   through a deadpool-lapin connection pool separate from the consuming connection.
+//! - [`dead_letter`]: what a dead-letter copy says (`x-sidecar-*` headers).
+//! - [`delay`]: the delay tiers of `retry.mode: delay_queue`, and the attempt count their
+//!   copies carry.
 
 pub mod consumer;
 pub mod dead_letter;
+pub mod delay;
+pub mod publisher;
 pub mod topology;
 
 use lapin::{Connection, ConnectionProperties, types::LongString};

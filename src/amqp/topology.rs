@@ -1,5 +1,6 @@
 //! Declaring, or passively checking, the sidecar's topology:
-//! the consumed queue, the dead-letter exchange (DLX) and the dead-letter queue (DLQ).
+//! the consumed queue, the dead-letter exchange (DLX), the dead-letter queue (DLQ) and, in
+//! `retry.mode: delay_queue`, the delay tiers ([`crate::amqp::delay`]).
 //!
 //! The consumed queue is declared durable with `x-queue-type` (quorum or classic), and with
 //! `x-dead-letter-exchange` / `x-dead-letter-routing-key` pointing at the DLX. The sidecar
@@ -15,19 +16,21 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
-use crate::config::{Config, QueueType};
+use crate::{
+    amqp::delay::DelayTiers,
+    config::{Config, QueueType},
+};
 
 /// What went wrong while declaring or checking the topology.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     /// An object exists with other arguments than the ones the sidecar declares.
     #[error(
-        "{what} {name:?} already exists with a different {argument}: {detail}. Fix: make the config match \
-         the existing {what} (amqp.queue_type, dead_letter.*), delete and recreate it, or set amqp.declare: false \
-         to use it as it is"
+        "{what} {name:?} already exists with a different {argument}: {detail}. Fix: {}",
+        mismatch_fix(what)
     )]
     Mismatch {
-        /// `queue` or `exchange`.
+        /// `queue`, `exchange` or `delay queue`.
         what: &'static str,
         /// Its name.
         name: String,
@@ -115,6 +118,20 @@ impl TopologyError {
         }
     }
 }
+
+fn mismatch_fix(what: &str) -> &'static str {
+    if what == DELAY_QUEUE {
+        "delete it (the sidecar declares it again, with a fixed x-message-ttl, dead-lettering back to the queue), \
+         or set amqp.declare: false to use it as it is. The tiers follow retry.backoff_initial_ms, \
+         retry.backoff_multiplier, retry.backoff_max_ms and retry.max_attempts"
+    } else {
+        "make the config match the existing object (amqp.queue_type, dead_letter.*), delete and recreate it, \
+         or set amqp.declare: false to use it as it is"
+    }
+}
+
+/// What a delay tier is called in errors.
+const DELAY_QUEUE: &str = "delay queue";
 
 /// Pulls `x-queue-type` out of "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for ...".
 fn inequivalent_arg(detail: &str) -> Option<String> {
@@ -215,6 +232,28 @@ pub async fn ensure(conn: &Connection, cfg: &Config) -> Result<(), TopologyError
         )
         .await
         .map_err(|e| TopologyError::classify("queue", &dlq, e))?;
+    }
+    let mut ch = ch;
+    if let Some(tiers) = DelayTiers::new(cfg) {
+        for tier in tiers.tiers() {
+            ch = reuse_or_open(conn, ch, DELAY_QUEUE, &tier.name).await?;
+            let args = if passive {
+                FieldTable::default()
+            } else {
+                tiers.arguments(tier)
+            };
+            ch.queue_declare(
+                ShortString::from(tier.name.as_str()),
+                QueueDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(|e| TopologyError::classify(DELAY_QUEUE, &tier.name, e))?;
+        }
     }
     let _ = ch.close(200, ShortString::from("topology done")).await;
     Ok(())

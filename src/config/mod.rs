@@ -402,6 +402,41 @@ pub struct RetryConfig {
     pub attempt_cache_size: usize,
     /// Age after which an in-memory attempt count is forgotten, in ms. Default 3600000 (1 h).
     pub attempt_cache_ttl_ms: u64,
+    /// Where a failed delivery waits out its backoff: `requeue` (default) or `delay_queue`.
+    pub mode: RetryMode,
+    /// `requeue` mode: most deliveries that wait out a backoff with a consumer opened in
+    /// their place, so the wait takes no capacity from the backends. Beyond it, a failing
+    /// delivery is requeued at once, without its backoff (and waits in place, holding its
+    /// prefetch slot, if it failed that way last time too). Default: the sum of the
+    /// backends' `max_in_flight`, and at least 16.
+    pub max_waiting: Option<u32>,
+    /// How a backoff is drawn below its ceiling: `full` (default, `uniform(0, ceiling)`) or
+    /// `equal` (`ceiling/2 + uniform(0, ceiling/2)`, never near zero).
+    pub jitter: JitterKind,
+}
+
+/// Where a failed delivery waits out its backoff (`retry.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryMode {
+    /// In the sidecar: the delivery stays unacked while it waits, with a consumer opened in
+    /// its place (up to `retry.max_waiting`), then `basic.reject(requeue=true)`. The
+    /// mission's nack-with-requeue; no extra queues.
+    Requeue,
+    /// In the broker: a copy with `x-sidecar-attempts` goes to a delay queue
+    /// `<queue>.retry.<ms>` (publisher confirms), and the original is acked. Holds no
+    /// prefetch slot, and the attempt count survives restarts and is shared by every pod.
+    DelayQueue,
+}
+
+/// How a backoff is drawn below its exponential ceiling (`retry.jitter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JitterKind {
+    /// `uniform(0, ceiling)`.
+    Full,
+    /// `ceiling/2 + uniform(0, ceiling/2)`.
+    Equal,
 }
 
 impl Default for RetryConfig {
@@ -413,9 +448,16 @@ impl Default for RetryConfig {
             backoff_max_ms: 60_000,
             attempt_cache_size: 100_000,
             attempt_cache_ttl_ms: 3_600_000,
+            mode: RetryMode::Requeue,
+            max_waiting: None,
+            jitter: JitterKind::Full,
         }
     }
 }
+
+/// Least default `retry.max_waiting`: a one-slot pod with a few failing messages in a burst
+/// should not stall on them.
+pub const MIN_DEFAULT_MAX_WAITING: u32 = 16;
 
 /// Dead-lettering (`dead_letter:`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -591,12 +633,28 @@ impl Config {
         if self.amqp.consumers > 0 {
             self.amqp.consumers
         } else {
-            self.backends
-                .iter()
-                .map(|b| b.max_in_flight)
-                .sum::<u32>()
-                .max(1)
+            self.backend_slots()
         }
+    }
+
+    /// The sum of the backends' `max_in_flight` (at least 1).
+    #[must_use]
+    pub fn backend_slots(&self) -> u32 {
+        self.backends
+            .iter()
+            .map(|b| b.max_in_flight)
+            .fold(0u32, u32::saturating_add)
+            .max(1)
+    }
+
+    /// `retry.max_waiting`, or its default: the backend slots, at least
+    /// [`MIN_DEFAULT_MAX_WAITING`]. In `delay_queue` mode only a delivery whose delay copy
+    /// could not be stored waits here.
+    #[must_use]
+    pub fn max_waiting(&self) -> u32 {
+        self.retry
+            .max_waiting
+            .unwrap_or_else(|| self.backend_slots().max(MIN_DEFAULT_MAX_WAITING))
     }
 }
 

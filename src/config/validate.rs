@@ -4,6 +4,9 @@ use std::collections::HashSet;
 
 use super::{Config, ConfigError, ConfigIssue, HealthOverride, redact_url};
 
+/// Most delay queues `retry.mode: delay_queue` may declare.
+pub const MAX_DELAY_TIERS: usize = 32;
+
 impl Config {
     /// Checks values that parse but make no sense, and reports all of them at once.
     ///
@@ -160,6 +163,22 @@ impl Config {
                 format!(
                     "must not exceed retry.backoff_max_ms ({})",
                     r.backoff_max_ms
+                ),
+            );
+        }
+        if r.mode == super::RetryMode::DelayQueue
+            && let Some(tiers) = crate::amqp::delay::DelayTiers::new(&self)
+            && tiers.tiers().len() > MAX_DELAY_TIERS
+        {
+            bad(
+                "retry.mode".into(),
+                "retry.mode",
+                format!(
+                    "delay_queue would declare {} delay queues (one per backoff step up to retry.max_attempts ({}) and \
+                     retry.backoff_max_ms); at most {MAX_DELAY_TIERS}. Raise retry.backoff_multiplier or lower \
+                     retry.backoff_max_ms so the steps reach the cap sooner",
+                    tiers.tiers().len(),
+                    r.max_attempts
                 ),
             );
         }
@@ -368,6 +387,14 @@ mod tests {
             ),
             (|c| c.backends[0].weight = 0, &["backends[0].weight"]),
             (|c| c.retry.max_attempts = 0, &["retry.max_attempts"]),
+            (
+                |c| {
+                    c.retry.mode = super::super::RetryMode::DelayQueue;
+                    c.retry.max_attempts = 100;
+                    c.retry.backoff_multiplier = 1.01;
+                },
+                &["retry.mode"],
+            ),
             (
                 |c| c.retry.backoff_multiplier = 0.5,
                 &["retry.backoff_multiplier"],

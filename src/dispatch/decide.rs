@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::{
     amqp::dead_letter::{Failure, Reason},
     backend::BackendError,
+    config::RetryMode,
     retry::Backoff,
 };
 
@@ -32,6 +33,9 @@ pub enum Outcome<'a> {
     /// The message was to be dead-lettered, but the publish failed (no confirm, DLX
     /// missing, broker blocked): the original must not be acked.
     DeadLetterFailed,
+    /// The delay copy (`retry.mode: delay_queue`) could not be stored: the original must
+    /// not be acked.
+    DelayFailed,
 }
 
 /// How to settle a delivery.
@@ -42,6 +46,12 @@ pub enum Settlement {
     /// Wait `delay`, then basic.reject(requeue=true).
     Requeue {
         /// The backoff before requeueing.
+        delay: Duration,
+    },
+    /// Publish a copy with `x-sidecar-attempts` to the delay tier for `delay`, with
+    /// confirms, then ack (on failure: [`Outcome::DelayFailed`]).
+    Delay {
+        /// The backoff, rounded up to a tier by [`crate::amqp::delay::DelayTiers::for_delay`].
         delay: Duration,
     },
     /// Publish to the DLX with confirms, then ack (on failure: [`Outcome::DeadLetterFailed`]).
@@ -59,6 +69,8 @@ pub struct Policy {
     pub max_body_bytes: usize,
     /// The backoff before a requeue.
     pub backoff: Backoff,
+    /// `retry.mode`: where a retryable failure waits out its backoff.
+    pub mode: RetryMode,
 }
 
 /// The one place an outcome becomes a settlement (see the module docs for the rules and
@@ -111,11 +123,13 @@ pub fn decide<R: rand::Rng + ?Sized>(
             dead_letter(Reason::Rejected, e.status_code(), e.to_string(), backend)
         }
         Outcome::Answered { result: Err(e), .. } if attempt < policy.max_attempts => {
-            Settlement::Requeue {
-                delay: match e.retry_after() {
-                    Some(after) => policy.backoff.capped(after),
-                    None => policy.backoff.delay(attempt, rng),
-                },
+            let delay = match e.retry_after() {
+                Some(after) => policy.backoff.capped(after),
+                None => policy.backoff.delay(attempt, rng),
+            };
+            match policy.mode {
+                RetryMode::Requeue => Settlement::Requeue { delay },
+                RetryMode::DelayQueue => Settlement::Delay { delay },
             }
         }
         Outcome::Answered {
@@ -127,8 +141,9 @@ pub fn decide<R: rand::Rng + ?Sized>(
             e.to_string(),
             backend,
         ),
-        // Back off before the requeue so a missing DLX does not become a hot loop.
-        Outcome::DeadLetterFailed => Settlement::Requeue {
+        // Back off before the requeue so a missing DLX or delay tier does not become a hot
+        // loop. The sidecar's own backoff: the broker's could not be had.
+        Outcome::DeadLetterFailed | Outcome::DelayFailed => Settlement::Requeue {
             delay: policy.backoff.delay(attempt, rng),
         },
     }
@@ -151,6 +166,7 @@ mod tests {
                 backoff_max_ms: 1_000,
                 ..crate::config::RetryConfig::default()
             }),
+            mode: RetryMode::Requeue,
         }
     }
 
@@ -177,6 +193,8 @@ mod tests {
         RequeueWithin(Duration),
         /// A requeue after exactly this (`Retry-After`).
         RequeueAfter(Duration),
+        /// A delay-queue copy with a delay of at most this.
+        DelayWithin(Duration),
         DeadLetter {
             reason: Reason,
             last_status: u16,
@@ -301,9 +319,50 @@ mod tests {
                 Want::RequeueWithin(Duration::from_millis(200)),
             ),
         ];
+        check(&p, rows);
+    }
+
+    /// `retry.mode: delay_queue`: the same table, but a retryable failure below the limit
+    /// goes to a delay tier; a failed delay publish is requeued with the sidecar's backoff.
+    #[test]
+    fn the_delay_queue_mode_rows() {
+        let p = Policy {
+            mode: RetryMode::DelayQueue,
+            ..policy()
+        };
+        let max = p.max_attempts;
+        let rows: Vec<(&str, Outcome<'static>, u32, Want)> = vec![
+            (
+                "5xx below the limit goes to a delay tier",
+                answered(Err(status(503, None))),
+                2,
+                Want::DelayWithin(Duration::from_millis(200)),
+            ),
+            (
+                "5xx at the limit still dead-letters",
+                answered(Err(status(503, None))),
+                max,
+                Want::DeadLetter {
+                    reason: Reason::RetriesExhausted,
+                    last_status: 503,
+                    backend: "worker-a",
+                },
+            ),
+            (
+                "a failed delay publish requeues after a backoff",
+                Outcome::DelayFailed,
+                1,
+                Want::RequeueWithin(Duration::from_millis(100)),
+            ),
+            ("2xx acks", answered(Ok(())), 1, Want::Ack),
+        ];
+        check(&p, rows);
+    }
+
+    fn check(p: &Policy, rows: Vec<(&str, Outcome<'static>, u32, Want)>) {
         let mut rng = StdRng::seed_from_u64(7);
         for (name, outcome, attempt, want) in rows {
-            let got = decide(&p, outcome, attempt, &mut rng);
+            let got = decide(p, outcome, attempt, &mut rng);
             match (want, &got) {
                 (Want::Ack, Settlement::Ack) | (Want::Release, Settlement::Release) => {}
                 (Want::RequeueWithin(max), Settlement::Requeue { delay }) => {
@@ -311,6 +370,9 @@ mod tests {
                 }
                 (Want::RequeueAfter(d), Settlement::Requeue { delay }) => {
                     assert_eq!(*delay, d, "{name}");
+                }
+                (Want::DelayWithin(max), Settlement::Delay { delay }) => {
+                    assert!(*delay <= max, "{name}: {delay:?} > {max:?}");
                 }
                 (
                     Want::DeadLetter {

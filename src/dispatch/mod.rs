@@ -6,8 +6,13 @@
 //! Settlement follows the AMQP 0-9-1 spec (§1.8.3.13 basic.ack, §1.8.3.14 basic.reject and
 //! RabbitMQ's basic.nack extension, <https://www.rabbitmq.com/docs/nack>):
 //! - success: `basic.ack`;
-//! - retryable failure below the attempt limit: wait the backoff, then
-//!   `basic.reject(requeue=true)` (counted by quorum queues on every RabbitMQ version);
+//! - retryable failure below the attempt limit, `retry.mode: requeue`: wait the backoff,
+//!   then `basic.reject(requeue=true)` (counted by quorum queues on every RabbitMQ
+//!   version). While it waits, [`Capacity`] opens a consumer in its place, up to
+//!   `retry.max_waiting`, so the wait does not block the pod;
+//! - the same in `retry.mode: delay_queue`: publish a copy with `x-sidecar-attempts` to a
+//!   delay tier ([`crate::amqp::delay`]) with confirms, then ack; if that publish fails,
+//!   requeue as above;
 //! - non-retryable failure, or the limit reached: publish to the DLX with confirms, then ack;
 //!   if that publish fails, requeue;
 //! - not attempted (shutdown drain, no usable backend): `basic.nack(requeue=true)`, which
@@ -37,10 +42,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     amqp::{
         consumer::Handler,
-        dead_letter::{DeadLetterPublisher, Stored},
+        delay::{DelayTiers, delay_properties},
+        publisher::{Destination, Publisher, Stored},
     },
     backend::{request, upstreams::Upstreams},
     balance::Observed,
+    capacity::{Capacity, Wait},
     config::Config,
     metrics::QueueMetrics,
     retry::{Attempt, AttemptCounter, Backoff, DELIVERY_COUNT_HEADER, DeliveryIdentity},
@@ -57,7 +64,12 @@ pub struct Dispatcher {
     policy: Policy,
     counter: AttemptCounter,
     upstreams: Arc<Upstreams>,
-    dead_letter: Arc<DeadLetterPublisher>,
+    /// Publishes dead-letter and delay copies.
+    publisher: Arc<Publisher>,
+    /// The delay tiers, in `retry.mode: delay_queue`.
+    tiers: Option<DelayTiers>,
+    /// The consumer target: a consumer is opened for each delivery waiting out a backoff.
+    capacity: Arc<Capacity>,
     metrics: QueueMetrics,
     /// Cancelled when shutdown starts: deliveries still waiting for a backend are released,
     /// and backoffs end early (their deliveries are requeued at once).
@@ -74,6 +86,8 @@ struct Held {
     body: Bytes,
     routing_key: ShortString,
     redelivered: bool,
+    /// Attempts used by the message's earlier copies (a copy back from a delay tier).
+    carried_attempts: Option<u32>,
 }
 
 impl Held {
@@ -91,18 +105,20 @@ impl Held {
             correlation_id: p.correlation_id().as_ref().map(ShortString::as_str),
             timestamp: *p.timestamp(),
             routing_key: self.routing_key.as_str(),
+            carried_attempts: self.carried_attempts,
         }
     }
 }
 
 impl Dispatcher {
-    /// Builds the dispatcher over the shared backends and dead-letter publisher.
+    /// Builds the dispatcher over the shared backends, publisher and consumer target.
     /// `draining` is cancelled when shutdown starts, `abort` when the drain deadline passes.
     #[must_use]
     pub fn new(
         cfg: &Config,
         upstreams: Arc<Upstreams>,
-        dead_letter: Arc<DeadLetterPublisher>,
+        publisher: Arc<Publisher>,
+        capacity: Arc<Capacity>,
         draining: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
@@ -111,10 +127,13 @@ impl Dispatcher {
                 max_attempts: cfg.retry.max_attempts,
                 max_body_bytes: cfg.backend.max_body_bytes,
                 backoff: Backoff::new(&cfg.retry),
+                mode: cfg.retry.mode,
             },
             counter: AttemptCounter::new(cfg.amqp.queue_type, &cfg.retry),
             upstreams,
-            dead_letter,
+            publisher,
+            tiers: DelayTiers::new(cfg),
+            capacity,
             metrics: QueueMetrics::new(&cfg.amqp.queue),
             draining,
             abort,
@@ -133,12 +152,17 @@ impl Dispatcher {
             data,
             acker,
         } = delivery;
+        let carried_attempts = self
+            .tiers
+            .as_ref()
+            .and_then(|t| t.carried_attempts(properties.headers().as_ref()));
         let held = Held {
             acker,
             properties,
             body: Bytes::from(data),
             routing_key,
             redelivered,
+            carried_attempts,
         };
         let attempt = self.counter.attempt(&held.identity());
         tracing::trace!(tag = delivery_tag, attempt = attempt.number, "delivery");
@@ -252,10 +276,20 @@ impl Dispatcher {
                 }
                 // Not remembered: a release does not count as an attempt.
                 Settlement::Release => self.release_held(&held).await,
+                Settlement::Delay { delay } => {
+                    if !self.delay(&held, attempt, delay).await {
+                        next = Some(decide(
+                            &self.policy,
+                            Outcome::DelayFailed,
+                            attempt.number,
+                            &mut rand::rng(),
+                        ));
+                    }
+                }
                 Settlement::DeadLetter(failure) => {
                     let stored = self
-                        .dead_letter
-                        .publish(
+                        .publisher
+                        .dead_letter(
                             held.identity().content_key(),
                             held.redelivered,
                             held.body.clone(),
@@ -271,7 +305,7 @@ impl Dispatcher {
                                 attempts = failure.attempts,
                                 last_status = failure.last_status,
                                 last_error = %failure.last_error,
-                                exchange = self.dead_letter.exchange(),
+                                exchange = self.publisher.exchange(),
                                 earlier_copy = stored == Stored::Earlier,
                                 "message dead-lettered"
                             );
@@ -322,21 +356,79 @@ impl Dispatcher {
             body: Bytes::new(),
             routing_key: delivery.routing_key,
             redelivered: delivery.redelivered,
+            carried_attempts: None,
         };
         self.release_held(&held).await;
     }
 
     /// Stores the failed attempt (when the sidecar counts), waits out `delay`, then
     /// basic.reject(requeue=true), which every RabbitMQ version counts as a delivery attempt.
+    ///
+    /// The wait takes a place in [`Capacity`]: a consumer is opened beside the delivery, so
+    /// the backends get another delivery meanwhile. With `retry.max_waiting` reached, the
+    /// delivery is requeued at once ([`Wait::Skip`]), or, if it was skipped last time too,
+    /// waits in place ([`Wait::InPlace`]).
     async fn requeue(&self, held: &Held, attempt: &Attempt, delay: Duration) {
-        self.counter.remember(attempt, &held.identity());
-        self.backoff_sleep(delay).await;
+        let identity = held.identity();
+        self.counter.remember(attempt, &identity);
+        let wait = self.capacity.wait(identity.content_key());
+        if !matches!(wait, Wait::Skip) {
+            self.backoff_sleep(delay).await;
+        }
         let rejected = held
             .acker
             .reject(BasicRejectOptions { requeue: true })
             .await;
         if self.sent("reject(requeue)", rejected) {
             self.metrics.requeues.increment(1);
+        }
+        // Ends the wait after the reject: the consumer opened beside it is cancelled only
+        // once this delivery's slot is free again.
+        drop(wait);
+    }
+
+    /// `retry.mode: delay_queue`: stores a copy with `x-sidecar-attempts` in the delay tier
+    /// for `delay`, then acks the original. False when the copy could not be stored (the
+    /// caller then requeues the original); nothing is acked without a confirmed copy.
+    async fn delay(&self, held: &Held, attempt: &Attempt, delay: Duration) -> bool {
+        let Some(tiers) = &self.tiers else {
+            return false;
+        };
+        let tier = tiers.for_delay(delay);
+        let to = Destination::queue(&tier.name);
+        let stored = self
+            .publisher
+            .publish_copy(
+                &to,
+                held.identity().content_key(),
+                held.redelivered,
+                held.body.clone(),
+                delay_properties(&held.properties, attempt.number),
+                &self.abort,
+            )
+            .await;
+        match stored {
+            Ok(_) => {
+                tracing::debug!(
+                    attempt = attempt.number,
+                    tier = %tier.name,
+                    "retryable failure; copy stored in a delay queue"
+                );
+                if self.sent("ack", held.acker.ack(BasicAckOptions::default()).await) {
+                    self.metrics.delayed.increment(1);
+                    self.counter.forget(attempt);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    tier = %tier.name,
+                    "delay-queue publish failed; requeueing the original with the sidecar's backoff, not acking it"
+                );
+                self.metrics.delay_failures.increment(1);
+                false
+            }
         }
     }
 

@@ -14,20 +14,20 @@
 //! flight finish and settle, within `shutdown.grace_ms`), then settle what is left
 //! (abandon the requests and nack-requeue their deliveries) and close.
 
+mod consumers;
 mod pause;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use lapin::{Channel, Connection, types::ShortString};
-use tokio::task::JoinSet;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{AdminServer, ReadinessState, UnusableBackend},
     amqp::{
         self,
-        consumer::{Consumer, ConsumerExit},
-        dead_letter::DeadLetterPublisher,
+        consumer::ConsumerExit,
+        publisher::Publisher,
         topology::{self, TopologyError},
     },
     backend::{
@@ -36,6 +36,7 @@ use crate::{
         upstreams::{BuildError, Upstreams},
     },
     balance::{EjectionClock, Unusable},
+    capacity::Capacity,
     config::{Config, redact_url},
     dispatch::Dispatcher,
     retry::{Backoff, Jitter},
@@ -71,7 +72,7 @@ pub enum SidecarError {
     /// The backends could not be built.
     #[error(transparent)]
     Backends(#[from] BuildError),
-    /// The dead-letter publisher could not be built.
+    /// The publisher of dead-letter and delay copies could not be built.
     #[error("cannot build the dead-letter publisher: {0}")]
     DeadLetter(String),
 }
@@ -128,9 +129,11 @@ pub struct Sidecar {
     dispatcher: Arc<Dispatcher>,
     /// The backends, their pool and client (shared with the dispatcher).
     upstreams: Arc<Upstreams>,
-    /// The dead-letter publisher (shared with the dispatcher): its blocked state, and
-    /// closing it.
-    dead_letter: Arc<DeadLetterPublisher>,
+    /// The publisher of dead-letter and delay copies (shared with the dispatcher): its
+    /// blocked state, and closing it.
+    publisher: Arc<Publisher>,
+    /// How many consumers to keep open, and why.
+    capacity: Arc<Capacity>,
     /// Per-delivery tasks, across reconnects, so the drain waits for all of them.
     tracker: TaskTracker,
     draining: CancellationToken,
@@ -172,20 +175,20 @@ impl Sidecar {
                 source,
             })?;
         let (upstreams, watchers) = Upstreams::new(&config)?;
-        let dead_letter = Arc::new(
-            DeadLetterPublisher::new(&config)
-                .map_err(|e| SidecarError::DeadLetter(e.to_string()))?,
-        );
+        let publisher =
+            Arc::new(Publisher::new(&config).map_err(|e| SidecarError::DeadLetter(e.to_string()))?);
+        let capacity = Capacity::new(&config);
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
         let dispatcher = Arc::new(Dispatcher::new(
             &config,
             Arc::clone(&upstreams),
-            Arc::clone(&dead_letter),
+            Arc::clone(&publisher),
+            Arc::clone(&capacity),
             draining.clone(),
             abort.clone(),
         ));
-        health.set_expected_consumers(config.consumer_count() as usize);
+        health.set_consumer_target(capacity.current());
         Ok(Self {
             config,
             health,
@@ -193,7 +196,8 @@ impl Sidecar {
             admin_addr,
             dispatcher,
             upstreams,
-            dead_letter,
+            publisher,
+            capacity,
             tracker: TaskTracker::new(),
             draining,
             abort,
@@ -269,7 +273,7 @@ impl Sidecar {
         };
         // Readiness warns while the broker blocks the dead-letter connection.
         let blocked = {
-            let (health, mut blocked) = (Arc::clone(&self.health), self.dead_letter.blocked());
+            let (health, mut blocked) = (Arc::clone(&self.health), self.publisher.blocked());
             tokio::spawn(async move {
                 loop {
                     health.set_dead_letter_blocked(blocked.borrow_and_update().clone());
@@ -312,7 +316,7 @@ impl Sidecar {
             }
             Err(e) => Err(e),
         };
-        self.dead_letter.close().await;
+        self.publisher.close().await;
         self.health.set_connected(false);
         self.health.set_consumers(0);
         watcher.abort();
@@ -463,66 +467,59 @@ impl Sidecar {
         }
     }
 
-    /// Runs the consumers of one connection until shutdown or the first loss, pausing them
-    /// while no backend is usable.
+    /// Runs the consumers of one connection until shutdown or the first loss: as many as
+    /// [`Capacity::target`] says, following it, and none while no backend is usable.
     async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let cfg = &self.config;
-        let n = cfg.consumer_count() as usize;
-        let mut consumers = Vec::with_capacity(n);
-        for i in 0..n {
-            let opened = Consumer::open(
-                conn,
-                i,
-                &cfg.amqp.queue,
-                cfg.amqp.prefetch,
-                Arc::clone(&self.dispatcher),
-                self.tracker.clone(),
-            )
-            .await;
-            match opened {
-                Ok(c) => consumers.push(c),
-                Err(e) => {
-                    return SessionEnd::Lost(format!(
-                        "opening consumer {i}: {}",
-                        amqp::describe(&e)
-                    ));
-                }
-            }
-        }
-        let channels: Vec<Channel> = consumers.iter().map(Consumer::channel).collect();
+        let mut set = consumers::ConsumerSet::new(
+            conn,
+            &cfg.amqp.queue,
+            cfg.amqp.prefetch,
+            &self.dispatcher,
+            &self.tracker,
+        );
+        let mut target = self.capacity.target();
         let mut usable = self.upstreams.pool.usable();
         loop {
             // Consuming.
-            let stop = shutdown.child_token();
-            let mut set = JoinSet::new();
-            for c in consumers.drain(..) {
-                set.spawn(c.run(stop.clone()));
+            let want = *target.borrow_and_update();
+            if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+                set.stop_all().await;
+                return SessionEnd::Lost(reason);
             }
-            self.health.set_consumers(n);
-            tracing::info!(consumers = n, prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
+            self.health.set_consumer_target(want);
+            self.health.set_consumers(set.running());
+            tracing::info!(consumers = set.running(), prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
             enum Why {
                 Shutdown,
                 Pause,
+                Lost(String),
                 Exit(ConsumerExit),
             }
-            let why = tokio::select! {
-                () = shutdown.cancelled() => Why::Shutdown,
-                Ok(_) = usable.wait_for(|u| *u == 0) => Why::Pause,
-                Some(r) = set.join_next() => match r {
-                    Ok((c, exit)) => {
-                        consumers.push(c);
-                        Why::Exit(exit)
+            let why = loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break Why::Shutdown,
+                    // The guard `wait_for` returns is not Send: drop it in the branch.
+                    true = async { usable.wait_for(|u| *u == 0).await.is_ok() } => break Why::Pause,
+                    Ok(()) = target.changed() => {
+                        let want = *target.borrow_and_update();
+                        if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+                            break Why::Lost(reason);
+                        }
+                        self.health.set_consumer_target(want);
+                        self.health.set_consumers(set.running());
+                        tracing::debug!(consumers = set.running(), slots = want.slots, retry_waiting = want.retry_waiting, "consumer target changed");
                     }
-                    Err(e) => Why::Exit(ConsumerExit::Failed(format!("consumer task failed: {e}"))),
-                },
-            };
-            stop.cancel();
-            while let Some(r) = set.join_next().await {
-                if let Ok((c, _)) = r {
-                    consumers.push(c);
+                    joined = set.next_exit() => match joined {
+                        consumers::Joined::Retired => {}
+                        consumers::Joined::Exit(exit) => break Why::Exit(exit),
+                    },
                 }
-            }
+            };
+            set.stop_all().await;
             self.health.set_consumers(0);
+            let channels = set.channels();
             match why {
                 Why::Shutdown => return SessionEnd::Shutdown(channels),
                 Why::Exit(ConsumerExit::Stopped) if shutdown.is_cancelled() => {
@@ -531,7 +528,9 @@ impl Sidecar {
                 Why::Exit(ConsumerExit::CancelledByBroker) => {
                     return SessionEnd::Lost("consumer cancelled by the broker".into());
                 }
-                Why::Exit(ConsumerExit::Failed(reason)) => return SessionEnd::Lost(reason),
+                Why::Lost(reason) | Why::Exit(ConsumerExit::Failed(reason)) => {
+                    return SessionEnd::Lost(reason);
+                }
                 Why::Exit(ConsumerExit::Unparsable(reason)) => {
                     return SessionEnd::Unparsable(reason);
                 }
@@ -558,17 +557,9 @@ impl Sidecar {
             let _ = probe.await;
             self.health.set_paused(false);
             match resumed {
-                None => return SessionEnd::Shutdown(channels),
+                None => return SessionEnd::Shutdown(set.channels()),
                 Some(Err(reason)) => return SessionEnd::Lost(reason),
                 Some(Ok(())) => {}
-            }
-            for c in &mut consumers {
-                if let Err(e) = c.resubscribe().await {
-                    return SessionEnd::Lost(format!(
-                        "resubscribing after a pause: {}",
-                        amqp::describe(&e)
-                    ));
-                }
             }
             tracing::info!("a backend is usable again: consumption resumed");
         }

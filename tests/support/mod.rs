@@ -205,11 +205,17 @@ pub async fn take_all(conn: &Connection, queue: &str) -> Vec<BasicGetMessage> {
     out
 }
 
-/// Deletes the queue, the DLQ and the DLX of `cfg`.
+/// Deletes the queue, the DLQ, the delay tiers and the DLX of `cfg`.
 pub async fn cleanup(conn: &Connection, cfg: &Config) {
     let ch = conn.create_channel().await.expect("channel");
     let q = &cfg.amqp.queue;
-    for name in [q.clone(), cfg.dead_letter.queue_for(q)] {
+    let tiers = amqp_sidecar::amqp::delay::DelayTiers::new(cfg)
+        .map(|t| t.tiers().iter().map(|t| t.name.clone()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for name in [q.clone(), cfg.dead_letter.queue_for(q)]
+        .into_iter()
+        .chain(tiers)
+    {
         let _ = ch
             .queue_delete(ShortString::from(name), QueueDeleteOptions::default())
             .await;

@@ -1,16 +1,18 @@
-//! Publishing dead-lettered copies to the dead-letter exchange, with publisher confirms.
+//! Publishing the sidecar's own copies of a message with publisher confirms: dead-letter
+//! copies to the DLX, and delay copies to the delay tiers of `retry.mode: delay_queue`.
 //!
 //! The original delivery is acked only after the broker confirms the copy
 //! (<https://www.rabbitmq.com/docs/confirms#publisher-confirms>). The publish is `mandatory`,
-//! so a DLX with no bound queue comes back as a return instead of vanishing. Every failure
-//! (no connection, DLX missing, unroutable, nack, confirm timeout) is an error, and the
-//! caller then requeues the original: nothing is acked that was not stored elsewhere.
+//! so an exchange with no bound queue (or, through the default exchange, a missing delay
+//! queue) comes back as a return instead of vanishing. Every failure (no connection,
+//! exchange missing, unroutable, nack, confirm timeout) is an error, and the caller then
+//! requeues the original: nothing is acked that was not stored elsewhere.
 //!
 //! Publishing uses its own deadpool-lapin connection pool, so a slow or blocked publish
 //! never stalls the consuming connection, and keeps one confirm-mode channel, reopened when
 //! it dies (a publish to a missing exchange closes it with NOT_FOUND) or when a confirm is
 //! late. Every wait is bounded by `dead_letter.confirm_timeout_ms`, and a resource alarm
-//! that blocks the connection is followed (see [`DeadLetterPublisher`]).
+//! that blocks the connection is followed (see [`Publisher`]).
 
 use std::{
     num::NonZeroUsize,
@@ -37,24 +39,25 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, metrics};
+use crate::{
+    amqp::dead_letter::{Failure, with_failure_headers},
+    config::Config,
+    metrics,
+};
 
-mod copy;
-
-pub use copy::{Failure, Reason, with_failure_headers};
-
-/// Why a dead-letter publish failed. Every variant means the copy is not known to be
-/// stored, so the caller requeues the original.
+/// Why a copy could not be stored. Every variant means the copy is not known to be stored,
+/// so the caller requeues the original.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum DeadLetterError {
+pub enum PublishError {
     /// No publishing connection or channel could be had.
     #[error("no publishing channel to the broker: {0}")]
     Unavailable(String),
     /// The exchange does not exist.
-    #[error("dead-letter exchange {0:?} does not exist (declare it, or set amqp.declare: true)")]
+    #[error("exchange {0:?} does not exist (declare it, or set amqp.declare: true)")]
     ExchangeMissing(String),
-    /// The exchange exists, but no queue is bound for the routing key.
-    #[error("dead-letter exchange {exchange:?} has no queue bound for routing key {routing_key:?}")]
+    /// The exchange exists, but no queue is bound for the routing key (for the default
+    /// exchange: no queue has that name).
+    #[error("{}", unroutable(.exchange, .routing_key))]
     Unroutable {
         /// The exchange.
         exchange: String,
@@ -65,7 +68,7 @@ pub enum DeadLetterError {
     #[error("the broker nacked the dead-letter publish")]
     Nacked,
     /// No confirm within `dead_letter.confirm_timeout_ms`. The copy may still be stored
-    /// later; the publisher keeps track of it (see [`DeadLetterPublisher::publish`]).
+    /// later; the publisher keeps track of it (see [`Publisher::publish_copy`]).
     #[error("no publisher confirm within {} ms", .0.as_millis())]
     ConfirmTimeout(Duration),
     /// The broker blocks the publishing connection (a resource alarm,
@@ -85,7 +88,48 @@ pub enum DeadLetterError {
     Channel(String),
 }
 
-/// How a dead-letter copy came to be stored.
+/// Where a copy goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// The exchange ("" for the default exchange, which routes by queue name).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+}
+
+impl Destination {
+    /// Straight to `queue`, through the default exchange.
+    #[must_use]
+    pub fn queue(queue: &str) -> Self {
+        Self {
+            exchange: String::new(),
+            routing_key: queue.to_owned(),
+        }
+    }
+
+    /// Mixes the destination into a content key, so that a late copy to one destination
+    /// is never taken for a copy to another.
+    fn key(&self, content_key: u64) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        content_key.hash(&mut h);
+        self.exchange.hash(&mut h);
+        self.routing_key.hash(&mut h);
+        h.finish()
+    }
+}
+
+fn unroutable(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!(
+            "no queue named {routing_key:?} (declare it, or set amqp.declare: true so the sidecar declares it)"
+        )
+    } else {
+        format!("exchange {exchange:?} has no queue bound for routing key {routing_key:?}")
+    }
+}
+
+/// How a copy came to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
     /// Published now and confirmed.
@@ -109,7 +153,7 @@ enum CopyState {
     /// Confirmed by the broker.
     Stored,
     /// Not stored.
-    Failed(DeadLetterError),
+    Failed(PublishError),
 }
 
 /// One copy in flight.
@@ -173,13 +217,14 @@ struct Inner {
     /// Bumped with each new pool connection, so an old connection's event listener cannot
     /// overwrite the new one's blocked state.
     connection_generation: Arc<AtomicU64>,
-    exchange: String,
-    routing_key: String,
+    /// Where dead-letter copies go.
+    dead_letters: Destination,
     queue: String,
     confirm_timeout: Duration,
 }
 
-/// Publishes dead-letter copies.
+/// Publishes copies with confirms: dead-letters ([`Publisher::dead_letter`]) and delay
+/// copies ([`Publisher::publish_copy`]).
 ///
 /// # Bounded, and never two copies from one pod
 /// Every broker operation on the way (connection, channel open, publish, confirm) runs in a
@@ -188,12 +233,12 @@ struct Inner {
 /// (<https://www.rabbitmq.com/docs/connection-blocked>): the AMQP client then writes
 /// nothing, so a channel open or a publish would wait for the alarm to clear.
 /// - While the connection is known to be blocked, nothing is sent: the caller waits for
-///   `connection.unblocked` within its timeout, then gives up ([`DeadLetterError::Blocked`]).
+///   `connection.unblocked` within its timeout, then gives up ([`PublishError::Blocked`]).
 /// - A copy that was sent but not confirmed in time is not forgotten. Its task keeps
 ///   waiting for the confirm, and the copy is remembered by the message's content. When the
 ///   requeued original comes back to be dead-lettered again, the outcome of that copy
 ///   decides: confirmed → the original is acked without a second publish ([`Stored::Earlier`]);
-///   still unconfirmed → requeued again ([`DeadLetterError::Unconfirmed`]); failed → a new
+///   still unconfirmed → requeued again ([`PublishError::Unconfirmed`]); failed → a new
 ///   copy is published.
 ///
 /// Closing the timed-out channel, as one might think, does not prevent the copy: the
@@ -201,11 +246,11 @@ struct Inner {
 /// processes them in order once it unblocks. If the original is redelivered to another pod,
 /// or the sidecar exits while the copy is unconfirmed, a second copy can still be stored:
 /// dead-lettering is at-least-once.
-pub struct DeadLetterPublisher {
+pub struct Publisher {
     inner: Arc<Inner>,
 }
 
-impl DeadLetterPublisher {
+impl Publisher {
     /// A publisher for `cfg`. Connects lazily, on the first dead-letter.
     ///
     /// # Errors
@@ -244,8 +289,10 @@ impl DeadLetterPublisher {
                 late: std::sync::Mutex::new(LruCache::new(
                     NonZeroUsize::new(LATE_CAPACITY).unwrap_or(NonZeroUsize::MIN),
                 )),
-                exchange: cfg.dead_letter.exchange_for(&queue),
-                routing_key: cfg.dead_letter.routing_key_for(&queue),
+                dead_letters: Destination {
+                    exchange: cfg.dead_letter.exchange_for(&queue),
+                    routing_key: cfg.dead_letter.routing_key_for(&queue),
+                },
                 queue,
                 confirm_timeout: cfg.dead_letter.confirm_timeout(),
             }),
@@ -255,7 +302,7 @@ impl DeadLetterPublisher {
     /// The DLX name.
     #[must_use]
     pub fn exchange(&self) -> &str {
-        &self.inner.exchange
+        &self.inner.dead_letters.exchange
     }
 
     /// `Some(reason)` while the broker blocks the publishing connection (a resource alarm).
@@ -264,18 +311,12 @@ impl DeadLetterPublisher {
         self.inner.blocked.subscribe()
     }
 
-    /// Stores a copy of the message (`body`, `properties`) with the `x-sidecar-*` headers
-    /// added, and waits for the broker's confirm, at most `dead_letter.confirm_timeout_ms`.
-    /// `key` identifies the message's content
-    /// ([`DeliveryIdentity::content_key`](crate::retry::DeliveryIdentity::content_key)). On a
-    /// redelivery (`redelivered`), an earlier copy of the same content sent within the last
-    /// hour and confirmed late counts as stored (see the type's docs); a first delivery
-    /// never reuses one, so a new message that happens to have the same content gets its own
-    /// copy. `cancel` (shutdown's drain deadline) ends the wait early.
+    /// Stores a dead-letter copy of the message (`body`, `properties`) with the
+    /// `x-sidecar-*` headers added, in the DLX; see [`Publisher::publish_copy`].
     ///
     /// # Errors
-    /// A [`DeadLetterError`]; the caller must then requeue the original.
-    pub async fn publish(
+    /// A [`PublishError`]; the caller must then requeue the original.
+    pub async fn dead_letter(
         &self,
         key: u64,
         redelivered: bool,
@@ -283,17 +324,44 @@ impl DeadLetterPublisher {
         properties: &BasicProperties,
         failure: &Failure,
         cancel: &CancellationToken,
-    ) -> Result<Stored, DeadLetterError> {
+    ) -> Result<Stored, PublishError> {
+        let props = with_failure_headers(properties, failure, &self.inner.queue);
+        let to = self.inner.dead_letters.clone();
+        self.publish_copy(&to, key, redelivered, body, props, cancel)
+            .await
+    }
+
+    /// Stores a copy (`body`, `props`) at `to` and waits for the broker's confirm, at most
+    /// `dead_letter.confirm_timeout_ms`. `key` identifies the message's content
+    /// ([`DeliveryIdentity::content_key`](crate::retry::DeliveryIdentity::content_key)). On a
+    /// redelivery (`redelivered`), an earlier copy of the same content to the same
+    /// destination, sent within the last hour and confirmed late, counts as stored (see the
+    /// type's docs); a first delivery never reuses one, so a new message that happens to
+    /// have the same content gets its own copy. `cancel` (shutdown's drain deadline) ends
+    /// the wait early.
+    ///
+    /// # Errors
+    /// A [`PublishError`]; the caller must then requeue the original.
+    pub async fn publish_copy(
+        &self,
+        to: &Destination,
+        key: u64,
+        redelivered: bool,
+        body: Bytes,
+        props: BasicProperties,
+        cancel: &CancellationToken,
+    ) -> Result<Stored, PublishError> {
+        let key = to.key(key);
         let inner = &self.inner;
         let deadline = Instant::now() + inner.confirm_timeout;
         if let Some(earlier) = inner.late_copy(key).filter(|_| redelivered) {
             let mut state = earlier.state.subscribe();
             let settled = tokio::select! {
-                () = cancel.cancelled() => return Err(DeadLetterError::Cancelled),
+                () = cancel.cancelled() => return Err(PublishError::Cancelled),
                 r = tokio::time::timeout_at(deadline, state.wait_for(|s| !matches!(s, CopyState::Sent))) => r.is_ok(),
             };
             if !settled {
-                return Err(DeadLetterError::Unconfirmed);
+                return Err(PublishError::Unconfirmed);
             }
             inner.forget_late(key, &earlier);
             if matches!(*earlier.state.borrow(), CopyState::Stored) {
@@ -303,19 +371,18 @@ impl DeadLetterPublisher {
         // While blocked, send nothing: it would only queue up behind the alarm.
         let mut blocked = inner.blocked.subscribe();
         let unblocked = tokio::select! {
-            () = cancel.cancelled() => return Err(DeadLetterError::Cancelled),
+            () = cancel.cancelled() => return Err(PublishError::Cancelled),
             r = tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)) => r.is_ok(),
         };
         if !unblocked {
             let reason = blocked.borrow().clone().unwrap_or_default();
-            return Err(DeadLetterError::Blocked(reason));
+            return Err(PublishError::Blocked(reason));
         }
-        let props = with_failure_headers(properties, failure, &inner.queue);
         let copy = Arc::new(Copy {
             state: watch::Sender::new(CopyState::NotSent),
             late: AtomicBool::new(false),
         });
-        tokio::spawn(Arc::clone(inner).store(key, Arc::clone(&copy), body, props));
+        tokio::spawn(Arc::clone(inner).store(key, Arc::clone(&copy), to.clone(), body, props));
         let mut state = copy.state.subscribe();
         let finished = tokio::select! {
             () = cancel.cancelled() => None,
@@ -369,12 +436,7 @@ impl Inner {
     /// remembered as late, and the channel is retired so later copies go on a fresh one.
     /// Stored or failed just now: that is the answer. Every step reads and writes the copy's
     /// state under its watch lock, so it cannot interleave with [`Inner::store`].
-    fn give_up(
-        &self,
-        key: u64,
-        copy: &Arc<Copy>,
-        cancelled: bool,
-    ) -> Result<Stored, DeadLetterError> {
+    fn give_up(&self, key: u64, copy: &Arc<Copy>, cancelled: bool) -> Result<Stored, PublishError> {
         let mut seen = None;
         copy.state.send_if_modified(|s| {
             seen = Some(match s {
@@ -412,9 +474,9 @@ impl Inner {
             self.retire_channel();
         }
         Err(match self.blocked.borrow().clone() {
-            _ if cancelled => DeadLetterError::Cancelled,
-            Some(reason) if !sent => DeadLetterError::Blocked(reason),
-            _ => DeadLetterError::ConfirmTimeout(self.confirm_timeout),
+            _ if cancelled => PublishError::Cancelled,
+            Some(reason) if !sent => PublishError::Blocked(reason),
+            _ => PublishError::ConfirmTimeout(self.confirm_timeout),
         })
     }
 
@@ -430,12 +492,13 @@ impl Inner {
         self: Arc<Self>,
         key: u64,
         copy: Arc<Copy>,
+        to: Destination,
         body: Bytes,
         props: BasicProperties,
     ) {
-        let result = self.send_and_confirm(&copy, &body, props).await;
+        let result = self.send_and_confirm(&copy, &to, &body, props).await;
         // A copy abandoned before it was sent failed on purpose; the channel is fine.
-        let channel_failed = matches!(&result, Err(e) if !matches!(e, DeadLetterError::Cancelled));
+        let channel_failed = matches!(&result, Err(e) if !matches!(e, PublishError::Cancelled));
         let failed = result.is_err();
         copy.state.send_modify(|s| {
             if !matches!(s, CopyState::Abandoned) {
@@ -460,13 +523,14 @@ impl Inner {
     async fn send_and_confirm(
         &self,
         copy: &Copy,
+        to: &Destination,
         body: &[u8],
         props: BasicProperties,
-    ) -> Result<(), DeadLetterError> {
+    ) -> Result<(), PublishError> {
         let ch = tokio::time::timeout(self.confirm_timeout, self.channel())
             .await
             .map_err(|_| {
-                DeadLetterError::Unavailable(format!(
+                PublishError::Unavailable(format!(
                     "no channel within {} ms",
                     self.confirm_timeout.as_millis()
                 ))
@@ -480,12 +544,12 @@ impl Inner {
             }
         });
         if !sent {
-            return Err(DeadLetterError::Cancelled);
+            return Err(PublishError::Cancelled);
         }
         let confirm = ch
             .basic_publish(
-                ShortString::from(self.exchange.as_str()),
-                ShortString::from(self.routing_key.as_str()),
+                ShortString::from(to.exchange.as_str()),
+                ShortString::from(to.routing_key.as_str()),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -494,21 +558,21 @@ impl Inner {
                 props,
             )
             .await
-            .map_err(|e| self.classify(&e))?;
-        match confirm.await.map_err(|e| self.classify(&e))? {
+            .map_err(|e| classify(to, &e))?;
+        match confirm.await.map_err(|e| classify(to, &e))? {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(DeadLetterError::Unroutable {
-                exchange: self.exchange.clone(),
-                routing_key: self.routing_key.clone(),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: to.exchange.clone(),
+                routing_key: to.routing_key.clone(),
             }),
-            Confirmation::Nack(_) => Err(DeadLetterError::Nacked),
-            Confirmation::NotRequested => Err(DeadLetterError::Channel(
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => Err(PublishError::Channel(
                 "publisher confirms are not enabled".into(),
             )),
         }
     }
 
-    async fn channel(&self) -> Result<Channel, DeadLetterError> {
+    async fn channel(&self) -> Result<Channel, PublishError> {
         let mut cached = self.channel.lock().await;
         let epoch = self.channel_epoch.load(Ordering::SeqCst);
         if let Some((ch, _)) = cached
@@ -522,15 +586,15 @@ impl Inner {
             .pool
             .get()
             .await
-            .map_err(|e| DeadLetterError::Unavailable(e.to_string()))?;
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
         self.watch_blocking(&conn);
         let ch = conn
             .create_channel()
             .await
-            .map_err(|e| DeadLetterError::Unavailable(super::describe(&e)))?;
+            .map_err(|e| PublishError::Unavailable(super::describe(&e)))?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| DeadLetterError::Unavailable(super::describe(&e)))?;
+            .map_err(|e| PublishError::Unavailable(super::describe(&e)))?;
         *cached = Some((ch.clone(), epoch));
         Ok(ch)
     }
@@ -578,15 +642,15 @@ impl Inner {
             set(None);
         });
     }
+}
 
-    fn classify(&self, e: &lapin::Error) -> DeadLetterError {
-        if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
-            && matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-        {
-            return DeadLetterError::ExchangeMissing(self.exchange.clone());
-        }
-        DeadLetterError::Channel(super::describe(e))
+fn classify(to: &Destination, e: &lapin::Error) -> PublishError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+        && matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    {
+        return PublishError::ExchangeMissing(to.exchange.clone());
     }
+    PublishError::Channel(super::describe(e))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

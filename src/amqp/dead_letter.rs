@@ -1,5 +1,6 @@
 //! The dead-letter copy: why a message goes to the DLX, and the properties of its copy
 //! (the original's, less what would lose or refuse it, plus the `x-sidecar-*` headers).
+//! [`copy_properties`] is shared with the delay copies of [`crate::amqp::delay`].
 
 use std::time::SystemTime;
 
@@ -47,45 +48,56 @@ pub struct Failure {
 }
 
 /// The original properties with the `x-sidecar-*` headers added (existing headers kept),
-/// less the properties that would lose or refuse the copy:
-/// - `expiration`: a per-message TTL would expire the copy in the dead-letter queue, as it
-///   would have expired the original. RabbitMQ's own dead-lettering removes it for this
-///   reason (<https://www.rabbitmq.com/docs/dlx#effects>); the original value goes into
-///   `x-sidecar-original-expiration`.
-/// - `user_id`: RabbitMQ refuses a publish whose `user_id` is not the publishing
-///   connection's user (<https://www.rabbitmq.com/docs/validated-user-id>), so a message
-///   published by another user could never be dead-lettered; the original value goes into
-///   `x-sidecar-original-user-id`.
-///
-/// `priority` is kept: a queue without `x-max-priority` ignores it, and a priority DLQ
-/// uses it.
+/// less `expiration` and `user_id` (see [`copy_properties`]). `priority` is kept: a queue
+/// without `x-max-priority` ignores it, and a priority DLQ uses it.
 #[must_use]
 pub fn with_failure_headers(
     properties: &BasicProperties,
     f: &Failure,
     queue: &str,
 ) -> BasicProperties {
+    copy_properties(properties, |put| {
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v.to_owned()));
+        put("x-sidecar-reason", s(f.reason.as_str()));
+        put(
+            "x-sidecar-attempts",
+            AMQPValue::LongLongInt(i64::from(f.attempts)),
+        );
+        put(
+            "x-sidecar-last-status",
+            AMQPValue::LongLongInt(i64::from(f.last_status)),
+        );
+        put("x-sidecar-last-error", s(&f.last_error));
+        put("x-sidecar-backend", s(&f.backend));
+        put("x-sidecar-queue", s(queue));
+        put(
+            "x-sidecar-failed-at",
+            s(&humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+        );
+    })
+}
+
+/// The properties of a copy the sidecar publishes (a dead-letter or a delay copy): the
+/// original's, headers kept and `add`'s headers put over them, less the properties that
+/// would lose or refuse the copy:
+/// - `expiration`: a per-message TTL would expire the copy in the queue it goes to, as it
+///   would have expired the original. RabbitMQ's own dead-lettering removes it for this
+///   reason (<https://www.rabbitmq.com/docs/dlx#effects>); the original value goes into
+///   `x-sidecar-original-expiration`.
+/// - `user_id`: RabbitMQ refuses a publish whose `user_id` is not the publishing
+///   connection's user (<https://www.rabbitmq.com/docs/validated-user-id>), so a message
+///   published by another user could never be copied; the original value goes into
+///   `x-sidecar-original-user-id`.
+pub fn copy_properties(
+    properties: &BasicProperties,
+    add: impl FnOnce(&mut dyn FnMut(&str, AMQPValue)),
+) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     let mut put = |k: &str, v: AMQPValue| {
         headers.insert(ShortString::from(k), v);
     };
+    add(&mut put);
     let s = |v: &str| AMQPValue::LongString(LongString::from(v.to_owned()));
-    put("x-sidecar-reason", s(f.reason.as_str()));
-    put(
-        "x-sidecar-attempts",
-        AMQPValue::LongLongInt(i64::from(f.attempts)),
-    );
-    put(
-        "x-sidecar-last-status",
-        AMQPValue::LongLongInt(i64::from(f.last_status)),
-    );
-    put("x-sidecar-last-error", s(&f.last_error));
-    put("x-sidecar-backend", s(&f.backend));
-    put("x-sidecar-queue", s(queue));
-    put(
-        "x-sidecar-failed-at",
-        s(&humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-    );
     if let Some(ttl) = properties.expiration() {
         put("x-sidecar-original-expiration", s(ttl.as_str()));
     }
