@@ -191,7 +191,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         servers.push((addr, server));
         backends.push(BackendConfig {
             name: Some(name.to_owned()),
-            max_in_flight: capacity,
+            max_in_flight: capacity.into(),
             timeout_ms: 5_000,
             ..BackendConfig::new(format!("http://{addr}/"))
         });

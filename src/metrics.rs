@@ -105,7 +105,7 @@ metric_table! {
     DELAY_FAILURES = "amqp_sidecar_delay_failures_total", Counter, Count, ["queue"],
         "retry.mode delay_queue: delay-queue publishes that failed; the original was requeued with its backoff instead.";
     RETRY_WAITING = "amqp_sidecar_retry_waiting", Gauge, Count, [],
-        "Deliveries waiting out a backoff in the sidecar now (retry.mode requeue), each with a consumer opened in its place up to retry.max_waiting.";
+        "Deliveries waiting out a backoff in the sidecar now (retry.mode requeue), each with another consumer opened in its place, up to retry.max_waiting.";
     RETRY_BACKOFF_SKIPPED = "amqp_sidecar_retry_backoff_skipped_total", Counter, Count, [],
         "Failed deliveries requeued without their backoff because retry.max_waiting deliveries were already waiting.";
     SETTLE_FAILURES = "amqp_sidecar_settle_failures_total", Counter, Count, ["queue"],
@@ -116,6 +116,8 @@ metric_table! {
         "Backend request duration, from sending the request to reading the response body.";
     BACKEND_IN_FLIGHT = "amqp_sidecar_backend_in_flight", Gauge, Count, ["backend"],
         "Requests in flight to the backend: its queue length as the balancer sees it.";
+    BACKEND_LIMIT = "amqp_sidecar_backend_limit", Gauge, Count, ["backend"],
+        "The backend's concurrency limit: its max_in_flight, or the limit learned from its latency with max_in_flight auto.";
     BACKEND_HEALTHY = "amqp_sidecar_backend_healthy", Gauge, Count, ["backend"],
         "1 while the backend passes its active health checks (always 1 without checks), else 0.";
     BACKEND_UNREACHABLE = "amqp_sidecar_backend_unreachable", Gauge, Count, ["backend"],
@@ -132,6 +134,8 @@ metric_table! {
         "1 while connected to the broker, else 0.";
     CONSUMERS = "amqp_sidecar_consumers", Gauge, Count, [],
         "Consumers currently subscribed to the queue.";
+    LOOKAHEAD = "amqp_sidecar_lookahead", Gauge, Count, [],
+        "Consumers opened beyond the backend slots so that a delivery is at hand when a slot frees (amqp.consumers 0): the delivery rate times the broker's ack-to-next-delivery round trip, at most amqp.max_lookahead.";
     CONNECTION_RECOVERIES = "amqp_sidecar_connection_recoveries_total", Counter, Count, [],
         "Successful reconnections to the broker after a lost connection.";
 }
@@ -263,6 +267,8 @@ pub struct BackendMetrics {
     pub ejections: Counter,
     /// [`BACKEND_UNREACHABLE`].
     pub unreachable: Gauge,
+    /// [`BACKEND_LIMIT`].
+    pub limit: Gauge,
 }
 
 impl BackendMetrics {
@@ -277,6 +283,7 @@ impl BackendMetrics {
             in_flight: gauge!(BACKEND_IN_FLIGHT, "backend" => b.clone()),
             healthy: gauge!(BACKEND_HEALTHY, "backend" => b.clone()),
             unreachable: gauge!(BACKEND_UNREACHABLE, "backend" => b.clone()),
+            limit: gauge!(BACKEND_LIMIT, "backend" => b.clone()),
             ejections: counter!(BACKEND_EJECTIONS, "backend" => b),
         }
     }
@@ -311,6 +318,11 @@ pub fn dead_letter_unconfirmed(delta: f64) {
 /// Sets [`RETRY_WAITING`].
 pub fn set_retry_waiting(n: u32) {
     gauge!(RETRY_WAITING).set(f64::from(n));
+}
+
+/// Sets [`LOOKAHEAD`].
+pub fn set_lookahead(n: u32) {
+    gauge!(LOOKAHEAD).set(f64::from(n));
 }
 
 /// Increments [`RETRY_BACKOFF_SKIPPED`].
@@ -616,12 +628,14 @@ mod tests {
         b.in_flight.set(0.0);
         b.healthy.set(1.0);
         b.unreachable.set(0.0);
+        b.limit.set(1.0);
         b.ejections.increment(1);
         set_connected(true);
         set_consumers(1);
         set_dead_letter_blocked(false);
         set_paused(false);
         set_retry_waiting(0);
+        set_lookahead(0);
         init_bug_counters();
         connection_recovered();
         let text = handle.render();

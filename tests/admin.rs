@@ -111,7 +111,13 @@ async fn metrics_match_what_happened() {
         .expect("body");
     let ready: serde_json::Value = serde_json::from_str(&ready).expect("json");
     assert_eq!(ready["ready"], true);
-    assert_eq!(ready["consumers"], 2);
+    // Two backend slots, plus the lookahead the delivery rate called for.
+    assert_eq!(ready["consumer_target"]["slots"], 2);
+    let lookahead = ready["consumer_target"]["lookahead"]
+        .as_u64()
+        .expect("lookahead");
+    assert!(lookahead <= 2, "bounded by the slots: {ready}");
+    assert_eq!(ready["expected_consumers"].as_u64(), Some(2 + lookahead));
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }

@@ -212,7 +212,10 @@ fn check_config_prints_effective_config_without_the_password() {
         v["backends"][1]["url"],
         "http://worker:***@127.0.0.1:8081/b"
     );
-    assert_eq!(v["backends"][1]["max_in_flight"], 1);
+    assert_eq!(
+        v["backends"][1]["max_in_flight"], "auto",
+        "the default: learned"
+    );
 }
 
 #[tokio::test]
@@ -279,7 +282,8 @@ fn the_example_config_is_valid() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["amqp"]["queue"], "orders");
-    assert_eq!(v["backends"][0]["max_in_flight"], 4);
+    assert_eq!(v["backends"][0]["max_in_flight"], "auto");
+    assert_eq!(v["backends"][1]["max_in_flight"], 2);
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("guest:guest"),
         "password redacted"

@@ -19,7 +19,7 @@ fn closed_port() -> SocketAddr {
 
 fn backend_at(url: String) -> BackendConfig {
     BackendConfig {
-        max_in_flight: 4,
+        max_in_flight: 4.into(),
         timeout_ms: 5_000,
         ..BackendConfig::new(url)
     }

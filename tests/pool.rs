@@ -492,7 +492,7 @@ async fn down_then_up(run: usize, outage: Duration) -> Duration {
     let backends = addrs
         .iter()
         .map(|a| amqp_sidecar::config::BackendConfig {
-            max_in_flight: 1,
+            max_in_flight: 1.into(),
             timeout_ms: 5_000,
             ..amqp_sidecar::config::BackendConfig::new(format!("http://{a}/"))
         })

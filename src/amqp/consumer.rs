@@ -4,7 +4,14 @@
 //! spawned per delivery are bounded by consumers × prefetch: the broker's flow control is the
 //! backpressure, and no queue of our own can grow.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -27,6 +34,8 @@ pub enum ConsumerExit {
     CancelledByBroker,
     /// Its channel or connection failed.
     Failed(String),
+    /// Retired by the handler of one of its deliveries ([`Origin::retire`]).
+    Retired,
     /// The connection failed because a frame from the broker could not be parsed: most
     /// likely a message the client library cannot decode, which the broker redelivers after
     /// the reconnect.
@@ -36,11 +45,45 @@ pub enum ConsumerExit {
 /// What a consumer does with its deliveries; the dispatcher implements it. Keeping it a
 /// trait keeps the broker side (`amqp`) from knowing the per-delivery path.
 pub trait Handler: Send + Sync + 'static {
-    /// Handles one delivery from start to settlement.
-    fn handle(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_;
+    /// Handles one delivery, which came from `origin`, from start to settlement.
+    fn handle(&self, delivery: Delivery, origin: Origin) -> impl Future<Output = ()> + Send + '_;
     /// Hands back, without attempting it, a delivery that was still buffered when the
     /// consumer was cancelled.
     fn release(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_;
+    /// The broker round trip of a consumer: from the settle of its last delivery (when it
+    /// then held none) to its next delivery.
+    fn round_trip(&self, d: std::time::Duration);
+}
+
+/// The consumer a delivery came from, so its handler can retire it.
+#[derive(Clone)]
+pub struct Origin {
+    channel: Channel,
+    tag: ShortString,
+    retired: Arc<AtomicBool>,
+}
+
+impl Origin {
+    /// Cancels the consumer (basic.cancel) and waits for the broker's cancel-ok, at most
+    /// [`CANCEL_DRAIN`]. Its channel stays open, so the delivery can still be settled on
+    /// it; the supervisor opens another consumer in its place. At prefetch 1 the consumer
+    /// holds nothing but this delivery, so nothing is handed back. Errors (the channel is
+    /// gone, or the consumer was already cancelled) are ignored: there is nothing to retire.
+    pub async fn retire(&self) {
+        if self.retired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.clone(), BasicCancelOptions::default());
+        match tokio::time::timeout(CANCEL_DRAIN, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %crate::amqp::describe(&e), "retiring a consumer: basic.cancel failed");
+            }
+            Err(_) => tracing::debug!("retiring a consumer: no cancel-ok in time"),
+        }
+    }
 }
 
 /// A consumer channel and its delivery stream.
@@ -53,6 +96,11 @@ pub struct Consumer<H> {
     handler: Arc<H>,
     /// Tracks the per-delivery tasks, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// Set when a handler retires this subscription ([`Origin::retire`]).
+    retired: Arc<AtomicBool>,
+    /// Deliveries handed to the handler and not finished, and when the last one finished
+    /// if none is left: the round trip to the next delivery starts there.
+    outstanding: Arc<Mutex<(usize, Option<Instant>)>>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -83,6 +131,8 @@ impl<H: Handler> Consumer<H> {
             queue: queue.to_owned(),
             handler,
             tracker,
+            retired: Arc::new(AtomicBool::new(false)),
+            outstanding: Arc::new(Mutex::new((0, None))),
         })
     }
 
@@ -92,6 +142,10 @@ impl<H: Handler> Consumer<H> {
     /// The lapin error when the channel is gone or the queue is missing.
     pub async fn resubscribe(&mut self) -> Result<(), lapin::Error> {
         self.stream = subscribe(&self.channel, &self.queue, &self.tag).await?;
+        // A new subscription: a handler of the old one can no longer retire it, and the
+        // old one's deliveries say nothing of this one's round trips.
+        self.retired = Arc::new(AtomicBool::new(false));
+        self.outstanding = Arc::new(Mutex::new((0, None)));
         Ok(())
     }
 
@@ -112,8 +166,29 @@ impl<H: Handler> Consumer<H> {
                 }
                 next = self.stream.next() => match next {
                     Some(Ok(delivery)) => {
+                        let idle_since = {
+                            let mut o = lock(&self.outstanding);
+                            o.0 += 1;
+                            o.1.take()
+                        };
+                        if let Some(since) = idle_since {
+                            self.handler.round_trip(since.elapsed());
+                        }
                         let handler = Arc::clone(&self.handler);
-                        self.tracker.spawn(async move { handler.handle(delivery).await });
+                        let origin = Origin {
+                            channel: self.channel.clone(),
+                            tag: self.tag.clone(),
+                            retired: Arc::clone(&self.retired),
+                        };
+                        let outstanding = Arc::clone(&self.outstanding);
+                        self.tracker.spawn(async move {
+                            handler.handle(delivery, origin).await;
+                            let mut o = lock(&outstanding);
+                            o.0 = o.0.saturating_sub(1);
+                            if o.0 == 0 {
+                                o.1 = Some(Instant::now());
+                            }
+                        });
                     }
                     Some(Err(e)) => {
                         let reason = crate::amqp::describe(&e);
@@ -124,6 +199,9 @@ impl<H: Handler> Consumer<H> {
                         return ConsumerExit::Failed(reason);
                     }
                     None => {
+                        if self.retired.load(Ordering::SeqCst) {
+                            return ConsumerExit::Retired;
+                        }
                         if stop.is_cancelled() {
                             return ConsumerExit::Stopped;
                         }
@@ -145,6 +223,11 @@ impl<H: Handler> Consumer<H> {
             tracing::debug!(consumer = self.index, error = %crate::amqp::describe(&e), "basic.cancel failed");
             return;
         }
+        self.hand_back_buffered().await;
+    }
+
+    /// After basic.cancel: hands back the deliveries still buffered, unattempted.
+    async fn hand_back_buffered(&mut self) {
         let drain = async {
             while let Some(Ok(delivery)) = self.stream.next().await {
                 let handler = Arc::clone(&self.handler);
@@ -166,6 +249,10 @@ impl<H: Handler> Consumer<H> {
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn subscribe(

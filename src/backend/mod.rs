@@ -152,6 +152,13 @@ impl BackendError {
         matches!(self, Self::Local(_))
     }
 
+    /// True when the worker shed the request as overloaded: a timeout, 429 or 503. The
+    /// concurrency limiter reads it as a sign of too many requests in flight.
+    #[must_use]
+    pub fn is_overload(&self) -> bool {
+        matches!(self, Self::Timeout(_)) || matches!(self.status_code(), 429 | 503)
+    }
+
     /// The HTTP status, or 0 when there was no response.
     #[must_use]
     pub fn status_code(&self) -> u16 {

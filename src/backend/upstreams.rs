@@ -10,8 +10,8 @@ use super::{
     probe::{Probe, ProbeTarget, Prober},
 };
 use crate::{
-    balance::{self, Hooks, Pool},
-    config::Config,
+    balance::{self, Concurrency, Hooks, Pool},
+    config::{Config, MaxInFlight},
     metrics::BackendMetrics,
 };
 
@@ -66,13 +66,22 @@ impl Upstreams {
             .map(Backend::new)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BuildError::Client(e.to_string()))?;
-        let capacities: Vec<(u32, u32)> = config
+        let limits: Vec<(Concurrency, u32)> = config
             .backends
             .iter()
-            .map(|b| (b.max_in_flight, b.weight))
+            .map(|b| {
+                let concurrency = match b.max_in_flight {
+                    MaxInFlight::Fixed(n) => Concurrency::Fixed(n),
+                    MaxInFlight::Auto => Concurrency::Auto {
+                        min: b.min_in_flight,
+                        max: b.max_in_flight_limit,
+                    },
+                };
+                (concurrency, b.weight)
+            })
             .collect();
-        let pool = Pool::new(
-            &capacities,
+        let pool = Pool::with_limits(
+            &limits,
             balance::strategy(config.balancer),
             config.ejection.clone(),
             metric_hooks(&backends),
@@ -80,7 +89,10 @@ impl Upstreams {
         let max_idle = config
             .backends
             .iter()
-            .map(|b| b.max_in_flight as usize)
+            .map(|b| match b.max_in_flight {
+                MaxInFlight::Fixed(n) => n as usize,
+                MaxInFlight::Auto => b.max_in_flight_limit as usize,
+            })
             .max()
             .unwrap_or(1);
         let client = Client::new(&config.backend, max_idle).map_err(BuildError::Client)?;
@@ -162,7 +174,8 @@ fn metric_hooks(backends: &[Backend]) -> Hooks {
         h.unreachable.set(0.0);
         h.ejections.increment(0);
     }
-    let (in_flight, ejected, reach) = (
+    let (in_flight, ejected, reach, limit) = (
+        Arc::clone(&handles),
         Arc::clone(&handles),
         Arc::clone(&handles),
         Arc::clone(&handles),
@@ -184,5 +197,6 @@ fn metric_hooks(backends: &[Backend]) -> Hooks {
                 tracing::warn!(backend = %reach_labels[i], error = %reason, "backend unreachable: a request was not delivered; probing it (not counted as an attempt)");
             }
         }),
+        limit: Box::new(move |i, n| limit[i].limit.set(f64::from(n))),
     }
 }

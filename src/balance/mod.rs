@@ -20,6 +20,7 @@
 //! `base_ms × times ejected`, capped at `max_ms`, and never more than `max_percent` of the
 //! backends are ejected at once.
 
+pub mod limit;
 mod strategy;
 
 use std::{
@@ -89,6 +90,29 @@ pub fn strategy(kind: BalancerKind) -> Box<dyn Balance> {
     }
 }
 
+/// A backend's concurrency limit: fixed, or learned by a [`limit::Limiter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// `max_in_flight: N`.
+    Fixed(u32),
+    /// `max_in_flight: auto`, within `[min, max]`, starting at `min`.
+    Auto {
+        /// `min_in_flight`.
+        min: u32,
+        /// `max_in_flight_limit`.
+        max: u32,
+    },
+}
+
+impl Concurrency {
+    fn initial(self) -> u32 {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Auto { min, .. } => min.max(1),
+        }
+    }
+}
+
 /// `(index, healthy, unreachable reason)`: see [`Hooks::reachability`].
 pub type ReachabilityHook = Box<dyn Fn(usize, bool, Option<&str>) + Send + Sync>;
 
@@ -102,6 +126,8 @@ pub struct Hooks {
     /// `(index, healthy, unreachable)` when a backend's health flag or reachability
     /// changes: the health gauge shows `healthy && unreachable.is_none()`.
     pub reachability: ReachabilityHook,
+    /// `(index, limit)` when a backend's concurrency limit is set or learned.
+    pub limit: Box<dyn Fn(usize, u32) + Send + Sync>,
 }
 
 impl Hooks {
@@ -112,6 +138,7 @@ impl Hooks {
             in_flight: Box::new(|_, _| {}),
             ejected: Box::new(|_, _| {}),
             reachability: Box::new(|_, _, _| {}),
+            limit: Box::new(|_, _| {}),
         }
     }
 }
@@ -153,6 +180,10 @@ struct State {
     unreachable: Vec<Option<String>>,
     ejections: Vec<Ejection>,
     balancer: Box<dyn Balance>,
+    /// The learned limits of `max_in_flight: auto` backends (`None`: fixed).
+    limiters: Vec<Option<limit::Limiter>>,
+    /// The configured weights; with learned limits, [`Load::weight`] is weight × limit.
+    weights: Vec<u32>,
 }
 
 impl State {
@@ -206,12 +237,15 @@ pub struct Pool {
     unreachable: Notify,
     /// The number of usable backends, for readiness and pausing.
     usable: watch::Sender<usize>,
+    /// The sum of the backends' limits (the consumer target's slots).
+    slots: watch::Sender<u32>,
     ejection: EjectionConfig,
     hooks: Hooks,
 }
 
 impl Pool {
-    /// A pool over backends with the given `(max_in_flight, weight)`, using `balancer`.
+    /// A pool over backends with the given fixed `(max_in_flight, weight)`, using
+    /// `balancer`.
     #[must_use]
     pub fn new(
         capacities: &[(u32, u32)],
@@ -219,10 +253,46 @@ impl Pool {
         ejection: EjectionConfig,
         hooks: Hooks,
     ) -> Arc<Self> {
-        let loads: Vec<Load> = capacities
+        let limits: Vec<(Concurrency, u32)> = capacities
             .iter()
-            .map(|&(max, weight)| Load::new(0, max, weight.max(1)))
+            .map(|&(max, weight)| (Concurrency::Fixed(max), weight))
             .collect();
+        Self::with_limits(&limits, balancer, ejection, hooks)
+    }
+
+    /// A pool over backends with the given `(concurrency, weight)`, using `balancer`. With
+    /// any learned limit, the balancer weighs each backend by weight × its limit, so one
+    /// that has shown more capacity gets proportionally more work.
+    #[must_use]
+    pub fn with_limits(
+        limits: &[(Concurrency, u32)],
+        balancer: Box<dyn Balance>,
+        ejection: EjectionConfig,
+        hooks: Hooks,
+    ) -> Arc<Self> {
+        let weigh_by_limit = limits
+            .iter()
+            .any(|(c, _)| matches!(c, Concurrency::Auto { .. }));
+        let weights: Vec<u32> = limits.iter().map(|&(_, w)| w.max(1)).collect();
+        let loads: Vec<Load> = limits
+            .iter()
+            .zip(&weights)
+            .map(|(&(c, _), &w)| {
+                let limit = c.initial();
+                Load::new(0, limit, if weigh_by_limit { w * limit } else { w })
+            })
+            .collect();
+        let limiters = limits
+            .iter()
+            .map(|&(c, _)| match c {
+                Concurrency::Fixed(_) => None,
+                Concurrency::Auto { min, max } => Some(limit::Limiter::new(min, max)),
+            })
+            .collect();
+        for (i, l) in loads.iter().enumerate() {
+            (hooks.limit)(i, l.max_in_flight);
+        }
+        let slots = loads.iter().map(|l| l.max_in_flight).sum();
         let n = loads.len();
         Arc::new(Self {
             state: Mutex::new(State {
@@ -231,14 +301,63 @@ impl Pool {
                 unreachable: vec![None; n],
                 ejections: vec![Ejection::default(); n],
                 balancer,
+                limiters,
+                weights,
             }),
             released: Notify::new(),
             ejected: Notify::new(),
             unreachable: Notify::new(),
             usable: watch::Sender::new(n),
+            slots: watch::Sender::new(slots),
             ejection,
             hooks,
         })
+    }
+
+    /// Feeds one answered request to backend `index`'s limiter, if its limit is learned:
+    /// its latency, the requests in flight to it when it was sent ([`Lease::in_flight`]),
+    /// and whether the worker shed it (a timeout, 429 or 503). A changed limit is applied
+    /// at once (a raised one wakes a waiting delivery) and published.
+    pub fn observe_latency(&self, index: usize, latency: Duration, in_flight: u32, dropped: bool) {
+        let mut state = self.lock();
+        let Some(limiter) = state.limiters[index].as_mut() else {
+            return;
+        };
+        let Some(limit) = limiter.on_sample(latency, in_flight, dropped) else {
+            return;
+        };
+        tracing::debug!(
+            backend = index,
+            limit,
+            window_mean_us = limiter.last_mean().map_or(0, |d| d.as_micros() as u64),
+            baseline_us = limiter.baseline().map_or(0, |d| d.as_micros() as u64),
+            dropped,
+            "concurrency limit changed"
+        );
+        let weight = state.weights[index];
+        let load = &mut state.loads[index];
+        let raised = limit > load.max_in_flight;
+        load.max_in_flight = limit;
+        load.weight = weight * limit;
+        (self.hooks.limit)(index, limit);
+        let slots = state.loads.iter().map(|l| l.max_in_flight).sum();
+        drop(state);
+        self.slots.send_replace(slots);
+        if raised {
+            self.released.notify_one();
+        }
+    }
+
+    /// Each backend's concurrency limit now (fixed or learned).
+    #[must_use]
+    pub fn limits(&self) -> Vec<u32> {
+        self.lock().loads.iter().map(|l| l.max_in_flight).collect()
+    }
+
+    /// Subscribes to the sum of the backends' limits.
+    #[must_use]
+    pub fn slots(&self) -> watch::Receiver<u32> {
+        self.slots.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -295,11 +414,12 @@ impl Pool {
             let load = &mut state.loads[index];
             load.in_flight += 1;
             (self.hooks.in_flight)(index, load.in_flight);
-            Ok(index)
+            Ok((index, load.in_flight))
         })?;
         Ok(Lease {
             pool: Arc::clone(self),
-            index,
+            index: index.0,
+            in_flight: index.1,
         })
     }
 
@@ -588,6 +708,7 @@ async fn sleep_until_some(at: Option<Instant>) {
 pub struct Lease {
     pool: Arc<Pool>,
     index: usize,
+    in_flight: u32,
 }
 
 impl Lease {
@@ -595,6 +716,12 @@ impl Lease {
     #[must_use]
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// The requests in flight to the backend when this lease was taken, itself included.
+    #[must_use]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
     }
 }
 

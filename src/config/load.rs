@@ -472,7 +472,10 @@ pub(super) fn opt_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::{temp_yaml, valid};
+    use crate::config::{
+        MaxInFlight,
+        tests::{temp_yaml, valid},
+    };
 
     #[test]
     fn redacts_password() {
@@ -594,7 +597,8 @@ mod tests {
             ]
         );
         assert_eq!(
-            config.backends[0].max_in_flight, 1,
+            config.backends[0].max_in_flight,
+            MaxInFlight::Auto,
             "each gets the defaults"
         );
         assert_eq!(

@@ -105,8 +105,14 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// basic.qos prefetch count per consumer channel. Default 1.
     pub prefetch: u16,
-    /// Number of consumer channels. Default 0, meaning the sum of the backends' `max_in_flight`.
+    /// Number of consumer channels. Default 0: the sum of the backends' concurrency limits
+    /// (`max_in_flight`, or the learned limits with `auto`) plus an adaptive lookahead. A
+    /// number turns the adaptation off.
     pub consumers: u32,
+    /// With `consumers: 0`: most consumers beyond the backend slots, opened so a delivery is
+    /// at hand when a slot frees. Default: the sum of the backend slots; 0 turns the
+    /// lookahead off.
+    pub max_lookahead: Option<u32>,
     /// Declare the queue, the dead-letter exchange and the dead-letter queue (default true).
     /// When false they are only checked with passive declares.
     pub declare: bool,
@@ -128,6 +134,7 @@ impl fmt::Debug for AmqpConfig {
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("consumers", &self.consumers)
+            .field("max_lookahead", &self.max_lookahead)
             .field("declare", &self.declare)
             .finish_non_exhaustive()
     }
@@ -141,6 +148,7 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Quorum,
             prefetch: 1,
             consumers: 0,
+            max_lookahead: None,
             declare: true,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
@@ -159,8 +167,14 @@ pub struct BackendConfig {
     /// Label used in metrics and logs. Default: the URL's `host:port`.
     #[serde(deserialize_with = "opt_string_like")]
     pub name: Option<String>,
-    /// Most requests the sidecar keeps in flight to this backend. Default 1.
-    pub max_in_flight: u32,
+    /// Most requests the sidecar keeps in flight to this backend: a number, or `auto`
+    /// (default) to learn it from the backend's latency (see `balance::limit`), between
+    /// `min_in_flight` and `max_in_flight_limit`.
+    pub max_in_flight: MaxInFlight,
+    /// `max_in_flight: auto`: the limit it starts from and never goes below. Default 1.
+    pub min_in_flight: u32,
+    /// `max_in_flight: auto`: the limit it never exceeds. Default 64.
+    pub max_in_flight_limit: u32,
     /// Relative capacity: the balancer compares `in_flight / weight`. Default 1.
     pub weight: u32,
     /// Per-request timeout, in ms, covering connect, headers and body. Default 30000.
@@ -174,7 +188,9 @@ impl Default for BackendConfig {
         Self {
             url: String::new(),
             name: None,
-            max_in_flight: 1,
+            max_in_flight: MaxInFlight::Auto,
+            min_in_flight: 1,
+            max_in_flight_limit: 64,
             weight: 1,
             timeout_ms: 30_000,
             health: None,
@@ -192,6 +208,21 @@ impl BackendConfig {
         }
     }
 
+    /// The concurrency limit it starts with: `max_in_flight`, or `min_in_flight` when auto.
+    #[must_use]
+    pub fn initial_limit(&self) -> u32 {
+        match self.max_in_flight {
+            MaxInFlight::Fixed(n) => n,
+            MaxInFlight::Auto => self.min_in_flight,
+        }
+    }
+
+    /// True when the limit is learned (`max_in_flight: auto`).
+    #[must_use]
+    pub fn is_auto(&self) -> bool {
+        self.max_in_flight == MaxInFlight::Auto
+    }
+
     /// The metric label: `name`, or the URL's `host:port`.
     #[must_use]
     pub fn label(&self) -> String {
@@ -206,6 +237,62 @@ impl BackendConfig {
             },
             Err(_) => self.url.clone(),
         }
+    }
+}
+
+/// A backend's `max_in_flight`: fixed, or learned (`auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxInFlight {
+    /// Learned from latency, between `min_in_flight` and `max_in_flight_limit`.
+    Auto,
+    /// This many, always.
+    Fixed(u32),
+}
+
+impl From<u32> for MaxInFlight {
+    fn from(n: u32) -> Self {
+        Self::Fixed(n)
+    }
+}
+
+impl Serialize for MaxInFlight {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Fixed(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxInFlight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MaxInFlight;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MaxInFlight, E> {
+                u32::try_from(v)
+                    .map(MaxInFlight::Fixed)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MaxInFlight, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MaxInFlight, E> {
+                match v.trim() {
+                    "auto" => Ok(MaxInFlight::Auto),
+                    n => n
+                        .parse::<u32>()
+                        .map(MaxInFlight::Fixed)
+                        .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -637,12 +724,13 @@ impl Config {
         }
     }
 
-    /// The sum of the backends' `max_in_flight` (at least 1).
+    /// The sum of the backends' `max_in_flight` at start (an `auto` backend starts at its
+    /// `min_in_flight`), at least 1.
     #[must_use]
     pub fn backend_slots(&self) -> u32 {
         self.backends
             .iter()
-            .map(|b| b.max_in_flight)
+            .map(BackendConfig::initial_limit)
             .fold(0u32, u32::saturating_add)
             .max(1)
     }
@@ -685,9 +773,9 @@ mod tests {
     #[test]
     fn consumers_default_to_total_capacity() {
         let mut c = valid();
-        c.backends[0].max_in_flight = 3;
+        c.backends[0].max_in_flight = 3.into();
         c.backends.push(BackendConfig {
-            max_in_flight: 2,
+            max_in_flight: 2.into(),
             ..BackendConfig::new("http://127.0.0.1:8081/")
         });
         assert_eq!(c.consumer_count(), 5);

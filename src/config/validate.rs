@@ -107,11 +107,25 @@ impl Config {
                     format!("{:?} is not a valid URL: {e}", b.url),
                 ),
             }
-            if b.max_in_flight == 0 {
+            if b.max_in_flight == super::MaxInFlight::Fixed(0) {
                 bad(
                     key("max_in_flight"),
                     &lookup("max_in_flight"),
+                    "must be at least 1 (or auto)".into(),
+                );
+            }
+            if b.min_in_flight == 0 {
+                bad(
+                    key("min_in_flight"),
+                    &lookup("min_in_flight"),
                     "must be at least 1".into(),
+                );
+            }
+            if b.max_in_flight_limit < b.min_in_flight {
+                bad(
+                    key("max_in_flight_limit"),
+                    &lookup("max_in_flight_limit"),
+                    format!("must be at least min_in_flight ({})", b.min_in_flight),
                 );
             }
             if b.weight == 0 {
@@ -378,7 +392,7 @@ mod tests {
             (|c| c.amqp.url = "http://x".into(), &["amqp.url"]),
             (|c| c.backends.clear(), &["backends"]),
             (
-                |c| c.backends[0].max_in_flight = 0,
+                |c| c.backends[0].max_in_flight = 0.into(),
                 &["backends[0].max_in_flight"],
             ),
             (
@@ -387,6 +401,14 @@ mod tests {
             ),
             (|c| c.backends[0].weight = 0, &["backends[0].weight"]),
             (|c| c.retry.max_attempts = 0, &["retry.max_attempts"]),
+            (
+                |c| c.backends[0].min_in_flight = 0,
+                &["backends[0].min_in_flight"],
+            ),
+            (
+                |c| c.backends[0].max_in_flight_limit = 0,
+                &["backends[0].max_in_flight_limit"],
+            ),
             (
                 |c| {
                     c.retry.mode = super::super::RetryMode::DelayQueue;

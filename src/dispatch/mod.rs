@@ -8,8 +8,9 @@
 //! - success: `basic.ack`;
 //! - retryable failure below the attempt limit, `retry.mode: requeue`: wait the backoff,
 //!   then `basic.reject(requeue=true)` (counted by quorum queues on every RabbitMQ
-//!   version). While it waits, [`Capacity`] opens a consumer in its place, up to
-//!   `retry.max_waiting`, so the wait does not block the pod;
+//!   version). While it waits, its consumer is retired and another opened in its place
+//!   (up to `retry.max_waiting` waiting deliveries, see [`Capacity`]), so the wait does
+//!   not block the pod;
 //! - the same in `retry.mode: delay_queue`: publish a copy with `x-sidecar-attempts` to a
 //!   delay tier ([`crate::amqp::delay`]) with confirms, then ack; if that publish fails,
 //!   requeue as above;
@@ -41,11 +42,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::{
-        consumer::Handler,
+        consumer::{Handler, Origin},
         delay::{DelayTiers, delay_properties},
         publisher::{Destination, Publisher, Stored},
     },
-    backend::{request, upstreams::Upstreams},
+    backend::{BackendError, request, upstreams::Upstreams},
     balance::Observed,
     capacity::{Capacity, Wait},
     config::Config,
@@ -68,7 +69,7 @@ pub struct Dispatcher {
     publisher: Arc<Publisher>,
     /// The delay tiers, in `retry.mode: delay_queue`.
     tiers: Option<DelayTiers>,
-    /// The consumer target: a consumer is opened for each delivery waiting out a backoff.
+    /// The consumer target and the retry waiting room (`retry.max_waiting`).
     capacity: Arc<Capacity>,
     metrics: QueueMetrics,
     /// Cancelled when shutdown starts: deliveries still waiting for a backend are released,
@@ -140,9 +141,10 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one delivery from start to settlement.
-    pub async fn dispatch(&self, delivery: Delivery) {
+    /// Handles one delivery, from `origin`, from start to settlement.
+    pub async fn dispatch(&self, delivery: Delivery, origin: Origin) {
         self.metrics.deliveries.increment(1);
+        self.capacity.delivered();
         let Delivery {
             delivery_tag,
             exchange,
@@ -183,7 +185,7 @@ impl Dispatcher {
             self.attempt(&env, held.body.clone()).await
         };
         let settlement = decide(&self.policy, outcome, attempt.number, &mut rand::rng());
-        self.settle(settlement, held, &attempt).await;
+        self.settle(settlement, held, &attempt, &origin).await;
     }
 
     /// Sends the delivery to a backend, unless shutdown intervenes.
@@ -214,6 +216,7 @@ impl Dispatcher {
             };
             let index = lease.index();
             let backend = &self.upstreams.backends[index];
+            let sent_at = tokio::time::Instant::now();
             let result = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => return Outcome::Abandoned,
@@ -232,6 +235,17 @@ impl Dispatcher {
                 drop(lease);
                 tracing::debug!(backend = %backend.label, error = %e, "not delivered; not counted as an attempt, trying another backend");
                 continue;
+            }
+            // An answer (or a timeout) tells the limiter of a learned `max_in_flight` how
+            // the backend copes with this many requests in flight.
+            if result.as_ref().err().is_none_or(|e| !e.is_local()) {
+                let overloaded = result.as_ref().err().is_some_and(BackendError::is_overload);
+                self.upstreams.pool.observe_latency(
+                    index,
+                    sent_at.elapsed(),
+                    lease.in_flight(),
+                    overloaded,
+                );
             }
             drop(lease);
             if let Err(e) = &result
@@ -257,7 +271,7 @@ impl Dispatcher {
 
     /// Carries out a settlement. A failed dead-letter publish is decided again, as
     /// [`Outcome::DeadLetterFailed`].
-    async fn settle(&self, settlement: Settlement, held: Held, attempt: &Attempt) {
+    async fn settle(&self, settlement: Settlement, held: Held, attempt: &Attempt, origin: &Origin) {
         let mut next = Some(settlement);
         while let Some(settlement) = next.take() {
             match settlement {
@@ -272,7 +286,7 @@ impl Dispatcher {
                         delay_ms = delay.as_millis() as u64,
                         "retryable failure; requeueing after backoff"
                     );
-                    self.requeue(&held, attempt, delay).await;
+                    self.requeue(&held, attempt, delay, origin).await;
                 }
                 // Not remembered: a release does not count as an attempt.
                 Settlement::Release => self.release_held(&held).await,
@@ -364,16 +378,22 @@ impl Dispatcher {
     /// Stores the failed attempt (when the sidecar counts), waits out `delay`, then
     /// basic.reject(requeue=true), which every RabbitMQ version counts as a delivery attempt.
     ///
-    /// The wait takes a place in [`Capacity`]: a consumer is opened beside the delivery, so
-    /// the backends get another delivery meanwhile. With `retry.max_waiting` reached, the
-    /// delivery is requeued at once ([`Wait::Skip`]), or, if it was skipped last time too,
-    /// waits in place ([`Wait::InPlace`]).
-    async fn requeue(&self, held: &Held, attempt: &Attempt, delay: Duration) {
+    /// The wait takes a place in [`Capacity`]: the delivery retires its consumer, and the
+    /// supervisor opens another in its place, so the backends get another delivery
+    /// meanwhile. With `retry.max_waiting` reached, the delivery is requeued at once
+    /// ([`Wait::Skip`]), or, if it was skipped last time too, waits in place holding its
+    /// consumer ([`Wait::InPlace`]).
+    async fn requeue(&self, held: &Held, attempt: &Attempt, delay: Duration, origin: &Origin) {
         let identity = held.identity();
         self.counter.remember(attempt, &identity);
         let wait = self.capacity.wait(identity.content_key());
-        if !matches!(wait, Wait::Skip) {
-            self.backoff_sleep(delay).await;
+        match &wait {
+            Wait::Beside(_) => {
+                origin.retire().await;
+                self.backoff_sleep(delay).await;
+            }
+            Wait::InPlace(_) => self.backoff_sleep(delay).await,
+            Wait::Skip => {}
         }
         let rejected = held
             .acker
@@ -382,8 +402,6 @@ impl Dispatcher {
         if self.sent("reject(requeue)", rejected) {
             self.metrics.requeues.increment(1);
         }
-        // Ends the wait after the reject: the consumer opened beside it is cancelled only
-        // once this delivery's slot is free again.
         drop(wait);
     }
 
@@ -464,8 +482,12 @@ impl Dispatcher {
 }
 
 impl Handler for Dispatcher {
-    fn handle(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_ {
-        self.dispatch(delivery)
+    fn handle(&self, delivery: Delivery, origin: Origin) -> impl Future<Output = ()> + Send + '_ {
+        self.dispatch(delivery, origin)
+    }
+
+    fn round_trip(&self, d: Duration) {
+        self.capacity.round_trip(d);
     }
 
     fn release(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_ {

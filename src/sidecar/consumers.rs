@@ -4,7 +4,8 @@
 //! Growing resubscribes an idle channel (one basic.consume) before it opens a new one
 //! (channel.open, basic.qos, basic.consume). Shrinking cancels the newest consumer
 //! (basic.cancel) and keeps its channel open: deliveries still in flight on it are settled
-//! there, since a delivery tag belongs to its channel.
+//! there, since a delivery tag belongs to its channel. A consumer retired by a handler
+//! ([`crate::amqp::consumer::Origin::retire`]) is replaced the same way.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -149,12 +150,12 @@ impl<'a> ConsumerSet<'a> {
         match joined {
             Ok((index, c, exit)) => {
                 // Its stop token was removed when it was cancelled on purpose.
-                let retired = self.stops.remove(&index).is_none();
+                let shrunk = self.stops.remove(&index).is_none();
                 self.idle.push(c);
-                if retired && exit == ConsumerExit::Stopped {
-                    Joined::Retired
-                } else {
-                    Joined::Exit(exit)
+                match exit {
+                    ConsumerExit::Retired => Joined::Retired,
+                    ConsumerExit::Stopped if shrunk => Joined::Retired,
+                    exit => Joined::Exit(exit),
                 }
             }
             Err(e) => Joined::Exit(ConsumerExit::Failed(format!("consumer task failed: {e}"))),
@@ -164,7 +165,9 @@ impl<'a> ConsumerSet<'a> {
 
 /// How a consumer task ended.
 pub(super) enum Joined {
-    /// Cancelled on purpose (the target fell); its channel is idle.
+    /// Cancelled on purpose: the target fell, or a handler retired it (a delivery that
+    /// waits out a backoff takes its consumer with it). Its channel is idle; the set may be
+    /// below the target now.
     Retired,
     /// Stopped on its own, or by shutdown.
     Exit(ConsumerExit),

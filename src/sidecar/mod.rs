@@ -36,7 +36,7 @@ use crate::{
         upstreams::{BuildError, Upstreams},
     },
     balance::{EjectionClock, Unusable},
-    capacity::Capacity,
+    capacity::{Capacity, LookaheadController},
     config::{Config, redact_url},
     dispatch::Dispatcher,
     retry::{Backoff, Jitter},
@@ -271,6 +271,29 @@ impl Sidecar {
                 }
             })
         };
+        // With `amqp.consumers: 0`, the consumer target follows the backends' limits (learned
+        // ones change) and a lookahead sized from what is measured.
+        let adaptive = self.config.amqp.consumers == 0;
+        let slots = adaptive.then(|| {
+            let (capacity, mut slots) = (Arc::clone(&self.capacity), self.upstreams.pool.slots());
+            tokio::spawn(async move {
+                loop {
+                    capacity.set_slots((*slots.borrow_and_update()).max(1));
+                    if slots.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        });
+        let lookahead = (adaptive && self.config.amqp.max_lookahead != Some(0)).then(|| {
+            tokio::spawn(
+                LookaheadController::new(
+                    Arc::clone(&self.capacity),
+                    self.config.amqp.max_lookahead,
+                )
+                .run(admin_stop.clone()),
+            )
+        });
         // Readiness warns while the broker blocks the dead-letter connection.
         let blocked = {
             let (health, mut blocked) = (Arc::clone(&self.health), self.publisher.blocked());
@@ -321,12 +344,18 @@ impl Sidecar {
         self.health.set_consumers(0);
         watcher.abort();
         mirror.abort();
+        if let Some(slots) = slots {
+            slots.abort();
+        }
         blocked.abort();
         admin_stop.cancel();
         if let Some(checker) = checker {
             let _ = checker.await;
         }
         let _ = clock.await;
+        if let Some(lookahead) = lookahead {
+            let _ = lookahead.await;
+        }
         if let Some(prober) = prober {
             let _ = prober.await;
         }
@@ -509,10 +538,17 @@ impl Sidecar {
                         }
                         self.health.set_consumer_target(want);
                         self.health.set_consumers(set.running());
-                        tracing::debug!(consumers = set.running(), slots = want.slots, retry_waiting = want.retry_waiting, "consumer target changed");
+                        tracing::debug!(consumers = set.running(), slots = want.slots, lookahead = want.lookahead, "consumer target changed");
                     }
                     joined = set.next_exit() => match joined {
-                        consumers::Joined::Retired => {}
+                        // Replace it (a delivery waiting out a backoff took it along).
+                        consumers::Joined::Retired => {
+                            let want = *target.borrow();
+                            if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+                                break Why::Lost(reason);
+                            }
+                            self.health.set_consumers(set.running());
+                        }
                         consumers::Joined::Exit(exit) => break Why::Exit(exit),
                     },
                 }
@@ -534,7 +570,7 @@ impl Sidecar {
                 Why::Exit(ConsumerExit::Unparsable(reason)) => {
                     return SessionEnd::Unparsable(reason);
                 }
-                Why::Exit(ConsumerExit::Stopped) => {
+                Why::Exit(ConsumerExit::Stopped | ConsumerExit::Retired) => {
                     return SessionEnd::Lost("consumer stopped".into());
                 }
                 Why::Pause => {}

@@ -87,7 +87,7 @@ pub fn config(queue: &str, backends: Vec<BackendConfig>) -> Config {
 /// A backend for `worker` with `max_in_flight`.
 pub fn backend(worker: &Worker, max_in_flight: u32) -> BackendConfig {
     BackendConfig {
-        max_in_flight,
+        max_in_flight: max_in_flight.into(),
         timeout_ms: 5_000,
         ..BackendConfig::new(worker.url())
     }
@@ -318,6 +318,7 @@ pub struct WorkerBuilder {
     health: Arc<std::sync::atomic::AtomicU16>,
     addr: Option<SocketAddr>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Holds requests until opened.
@@ -369,6 +370,12 @@ impl WorkerBuilder {
         self.addr = Some(addr);
         self
     }
+    /// Serve at most `n` requests at once; the others queue inside the worker (a worker
+    /// with `n` internal slots, whose capacity the sidecar cannot see).
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = Some(Arc::new(tokio::sync::Semaphore::new(n)));
+        self
+    }
     /// Serve HTTPS with `config` (see [`tls`]).
     pub fn tls(mut self, config: Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
@@ -385,7 +392,13 @@ impl WorkerBuilder {
             .expect("bind worker");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(WorkerState::default());
-        let app_state = (Arc::clone(&state), self.script, self.latency, self.gate);
+        let app_state = (
+            Arc::clone(&state),
+            self.script,
+            self.latency,
+            self.gate,
+            self.slots,
+        );
         let health = Arc::clone(&self.health);
         let app = Router::new()
             .route("/", post(handle))
@@ -437,10 +450,16 @@ impl WorkerBuilder {
     }
 }
 
-type AppState = (Arc<WorkerState>, Script, Duration, Option<Arc<Gate>>);
+type AppState = (
+    Arc<WorkerState>,
+    Script,
+    Duration,
+    Option<Arc<Gate>>,
+    Option<Arc<tokio::sync::Semaphore>>,
+);
 
 async fn handle(
-    State((state, script, latency, gate)): State<AppState>,
+    State((state, script, latency, gate, slots)): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -467,6 +486,10 @@ async fn handle(
     if let Some(g) = gate {
         g.pass().await;
     }
+    let _slot = match &slots {
+        Some(s) => Some(s.acquire().await.expect("worker slots")),
+        None => None,
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -523,6 +546,7 @@ impl Worker {
             health: Arc::new(std::sync::atomic::AtomicU16::new(200)),
             addr: None,
             tls: None,
+            slots: None,
         }
     }
     pub fn url(&self) -> String {
