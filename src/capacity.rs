@@ -281,9 +281,9 @@ const HEADROOM: f64 = 2.0;
 const NEGLIGIBLE: f64 = 0.1;
 
 /// The lookahead for a delivery rate (per second) and a round trip: by Little's law the
-/// deliveries in transit during one round trip are `rate × round trip`; with
-/// [`HEADROOM`], rounded up (ignoring the last tenth), and at most `max`. 0 when next to
-/// nothing is delivered.
+/// deliveries in transit during one round trip are `rate × round trip`; the sidecar keeps
+/// twice that as headroom, rounded up (ignoring the last tenth), at most `max`. 0 when next
+/// to nothing is delivered.
 #[must_use]
 pub fn lookahead_for(rate_per_s: f64, round_trip: Duration, max: u32) -> u32 {
     let want = (rate_per_s * round_trip.as_secs_f64() * HEADROOM - NEGLIGIBLE).ceil();
@@ -294,11 +294,11 @@ pub fn lookahead_for(rate_per_s: f64, round_trip: Duration, max: u32) -> u32 {
     }
 }
 
-/// Sizes the lookahead (`amqp.consumers: 0`): every [`LOOKAHEAD_TICK`], from the delivery
+/// Sizes the lookahead (`amqp.consumers: 0`): every 200 ms, from the delivery
 /// rate and the round trip a consumer waits between its settle and its next delivery
 /// (the 25th percentile of the recent samples, so that gaps while the queue was empty do
 /// not count), at most `amqp.max_lookahead` (default: the slots). It grows at once and
-/// shrinks only after [`SHRINK_AFTER_TICKS`] ticks in a row.
+/// shrinks only after 5 ticks (1 s) in a row.
 pub struct LookaheadController {
     capacity: Arc<Capacity>,
     /// `amqp.max_lookahead`; `None`: the slots.

@@ -18,14 +18,16 @@
 //! - [`dispatch`]: one delivery's path; [`dispatch::decide`] is the single `match` from
 //!   [`dispatch::Outcome`] to [`dispatch::Settlement`], a pure function.
 //! - [`balance`]: the backend pool (in-flight counts behind a [`balance::Lease`] guard,
-//!   passive ejection, health flags, unreachable backends) and the [`balance::Balance`]
-//!   trait with its five strategies. [`balance::EjectionClock`] ends ejections on time.
+//!   passive ejection, health flags, unreachable backends, learned concurrency limits from
+//!   [`balance::limit`]) and the [`balance::Balance`] trait with its five strategies.
+//!   [`balance::EjectionClock`] ends ejections on time.
 //! - [`backend`]: the HTTP client, the request/header mapping, outcome classification
 //!   (attempted or not delivered), active health checks, the prober of unreachable
 //!   backends, and [`backend::upstreams::Upstreams`], which builds them all from config.
 //! - [`tls`]: the rustls client configuration for `https://` backends.
-//! - [`capacity`]: how many consumers are open and why (backend slots, plus one per
-//!   delivery waiting out a backoff); the supervisor follows its target.
+//! - [`capacity`]: how many consumers are open and why (the backend slots plus the
+//!   lookahead, sized by [`capacity::LookaheadController`]), and the retry waiting room; the
+//!   supervisor follows its target.
 //! - [`retry`]: attempt counting (`x-delivery-count` or a bounded local map) and the one
 //!   backoff type (full jitter for retries, equal jitter for reconnects).
 //! - [`admin`]: /metrics, /healthz, /readyz and the readiness state.

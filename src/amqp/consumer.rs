@@ -65,7 +65,7 @@ pub struct Origin {
 
 impl Origin {
     /// Cancels the consumer (basic.cancel) and waits for the broker's cancel-ok, at most
-    /// [`CANCEL_DRAIN`]. Its channel stays open, so the delivery can still be settled on
+    /// 2 s. Its channel stays open, so the delivery can still be settled on
     /// it; the supervisor opens another consumer in its place. At prefetch 1 the consumer
     /// holds nothing but this delivery, so nothing is handed back. Errors (the channel is
     /// gone, or the consumer was already cancelled) are ignored: there is nothing to retire.
