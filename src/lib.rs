@@ -25,6 +25,8 @@
 //!   (attempted or not delivered), active health checks, the prober of unreachable
 //!   backends, and [`backend::upstreams::Upstreams`], which builds them all from config.
 //! - [`tls`]: the rustls client configuration for `https://` backends.
+//! - [`trace`]: W3C Trace Context, continued from a delivery's `traceparent` into the
+//!   request to the worker.
 //! - [`capacity`]: how many consumers are open and why (the backend slots plus the
 //!   lookahead, sized by [`capacity::LookaheadController`]), and the retry waiting room; the
 //!   supervisor follows its target.
@@ -61,6 +63,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod sidecar;
 pub mod tls;
+pub mod trace;
 
 pub use config::Config;
 pub use sidecar::{Sidecar, SidecarError};

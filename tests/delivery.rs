@@ -190,3 +190,80 @@ async fn unacked_deliveries_never_exceed_consumers_times_prefetch() {
     sidecar.stop().await.expect("clean stop");
     cleanup(&conn, &cfg).await;
 }
+
+/// W3C Trace Context end to end: a delivery's `traceparent` reaches the worker as a real
+/// `traceparent` header with the publisher's trace-id and the sidecar's own span-id, with
+/// its `tracestate`; a rejected message's dead-letter copy keeps the `traceparent` it came
+/// with.
+#[tokio::test]
+async fn the_trace_context_reaches_the_worker_and_the_dead_letter_copy() {
+    let conn = broker().await;
+    let queue = unique("traceparent");
+    let worker = Worker::builder()
+        .respond(|r, _| {
+            if r.header("x-amqp-message-id") == Some("reject-me") {
+                Reply::status(422)
+            } else {
+                Reply::status(200)
+            }
+        })
+        .spawn()
+        .await;
+    let cfg = config(&queue, vec![backend(&worker, 1)]);
+    declare(&conn, &cfg).await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for id in ["traced", "reject-me"] {
+        let mut h = FieldTable::default();
+        h.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(incoming.into()),
+        );
+        h.insert(
+            ShortString::from("tracestate"),
+            AMQPValue::LongString("congo=t61rcWkgMzE".into()),
+        );
+        publish(
+            &conn,
+            &queue,
+            b"{}",
+            BasicProperties::default()
+                .with_message_id(ShortString::from(id))
+                .with_headers(h),
+        )
+        .await;
+    }
+    let sidecar = start(cfg.clone()).await;
+    let dlq = cfg.dead_letter.queue_for(&queue);
+    wait_until(
+        "one acked, one dead-lettered",
+        Duration::from_secs(20),
+        || async { worker.succeeded().len() == 1 && try_ready(&conn, &dlq).await == Some(1) },
+    )
+    .await;
+    sidecar.stop().await.expect("clean stop");
+    let traced = worker
+        .requests()
+        .into_iter()
+        .find(|r| r.header("x-amqp-message-id") == Some("traced"))
+        .expect("request");
+    let out = traced.header("traceparent").expect("a traceparent header");
+    let parts: Vec<&str> = out.split('-').collect();
+    assert_eq!(parts.len(), 4, "{out}");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the publisher's trace-id"
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the sidecar's span-id as parent"
+    );
+    assert_eq!(traced.header("tracestate"), Some("congo=t61rcWkgMzE"));
+    assert_eq!(traced.header("x-amqp-header-traceparent"), Some(incoming));
+    let dead = take_all(&conn, &dlq).await;
+    assert_eq!(
+        header_text(&dead_letter_headers(&dead[0]), "traceparent").as_deref(),
+        Some(incoming),
+        "the dead-letter copy keeps its traceparent"
+    );
+    cleanup(&conn, &cfg).await;
+}

@@ -9,6 +9,7 @@
 //! | timestamp (seconds since the Unix epoch) | `X-Amqp-Timestamp` (the same integer) |
 //! | the attempt number, 1-based | `X-Amqp-Attempt` |
 //! | application header `name` with a string, number or boolean value | `X-Amqp-Header-<name>` |
+//! | application headers `traceparent`, `tracestate` (W3C Trace Context, see [`crate::trace`]) | `traceparent` (same trace-id, the sidecar's span-id as parent-id), `tracestate` |
 //!
 //! A value that is not a legal HTTP header value (CR, LF or another control byte, RFC 9110
 //! §5.5), a header name that is not an HTTP token, and a value of another type (table, array,
@@ -19,6 +20,8 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceParent};
 
 /// Prefix of the headers that carry AMQP application headers.
 pub const APP_HEADER_PREFIX: &str = "x-amqp-header-";
@@ -36,6 +39,8 @@ pub struct Envelope<'a> {
     pub properties: &'a BasicProperties,
     /// This attempt, 1-based.
     pub attempt: u32,
+    /// `tracing.start_traces`: a delivery without a `traceparent` starts a new trace.
+    pub start_traces: bool,
 }
 
 /// A header that was left out, and why (for the log).
@@ -132,7 +137,36 @@ pub fn headers(env: &Envelope<'_>) -> (HeaderMap, Vec<Skipped>) {
     if let Some(table) = p.headers() {
         app_headers(table, &mut map, &mut skipped);
     }
+    trace_context(p.headers().as_ref(), env.start_traces, &mut map);
     (map, skipped)
+}
+
+/// The W3C Trace Context headers of the request (see [`crate::trace`]): the delivery's
+/// `traceparent` continued with a new span-id, its `tracestate` along with it; a malformed
+/// `traceparent` is dropped with its `tracestate`; none at all starts a trace only with
+/// `start_traces`.
+fn trace_context(table: Option<&FieldTable>, start_traces: bool, map: &mut HeaderMap) {
+    let get = |name: &str| {
+        table
+            .and_then(|t| t.inner().get(&lapin::types::ShortString::from(name)))
+            .and_then(scalar_text)
+    };
+    let incoming = get(TRACEPARENT);
+    let parent = match incoming.as_deref().map(TraceParent::parse) {
+        Some(Some(parent)) => parent.child(&mut rand::rng()),
+        Some(None) => return,
+        None if start_traces => TraceParent::start(&mut rand::rng()),
+        None => return,
+    };
+    if let Ok(v) = HeaderValue::from_str(&parent.to_header()) {
+        map.insert(HeaderName::from_static(TRACEPARENT), v);
+    }
+    if incoming.is_some()
+        && let Some(state) = get(TRACESTATE)
+        && let Ok(v) = HeaderValue::from_str(&state)
+    {
+        map.insert(HeaderName::from_static(TRACESTATE), v);
+    }
 }
 
 /// Why a value that was not UTF-8 on the wire is left out. The AMQP client decodes such a
@@ -294,6 +328,7 @@ mod tests {
             redelivered: true,
             properties: &p,
             attempt: 2,
+            start_traces: false,
         });
         assert_eq!(h["content-type"], "application/octet-stream");
         assert_eq!(h["x-amqp-message-id"], "m-1");
@@ -320,6 +355,7 @@ mod tests {
             redelivered: false,
             properties: &p,
             attempt: 1,
+            start_traces: false,
         });
         assert!(h.get("x-injected").is_none());
         assert!(h.get("x-amqp-header-evil").is_none());
@@ -346,6 +382,7 @@ mod tests {
             redelivered: false,
             properties: &p,
             attempt: 1,
+            start_traces: false,
         });
         assert_eq!(h["content-type"], "application/octet-stream");
         assert!(h.get("x-amqp-message-id").is_none());
@@ -381,6 +418,66 @@ mod tests {
             }))
             .as_deref(),
             Some("123.45")
+        );
+    }
+
+    fn with_headers(pairs: &[(&str, &str)], start_traces: bool) -> HeaderMap {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(
+                lapin::types::ShortString::from(*k),
+                AMQPValue::LongString((*v).into()),
+            );
+        }
+        let props = BasicProperties::default().with_headers(t);
+        headers(&Envelope {
+            exchange: "",
+            routing_key: "q",
+            redelivered: false,
+            properties: &props,
+            attempt: 1,
+            start_traces,
+        })
+        .0
+    }
+
+    /// W3C Trace Context: the trace continues with a new parent-id, tracestate goes along,
+    /// and the originals stay as X-Amqp-Header-*.
+    #[test]
+    fn a_traceparent_is_continued_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = with_headers(
+            &[("traceparent", incoming), ("tracestate", "vendor=opaque")],
+            false,
+        );
+        let out = h["traceparent"].to_str().expect("ascii");
+        let parsed = crate::trace::TraceParent::parse(out).expect("valid");
+        assert_eq!(parsed.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(out, incoming, "the sidecar's own span-id is the parent");
+        assert_eq!(h["tracestate"], "vendor=opaque");
+        assert_eq!(h["x-amqp-header-traceparent"], incoming);
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_dropped_with_its_tracestate() {
+        let h = with_headers(
+            &[("traceparent", "00-not-a-trace-01"), ("tracestate", "a=b")],
+            true,
+        );
+        assert!(!h.contains_key("traceparent"), "no new trace either");
+        assert!(!h.contains_key("tracestate"));
+        assert_eq!(h["x-amqp-header-traceparent"], "00-not-a-trace-01");
+    }
+
+    #[test]
+    fn no_traceparent_starts_a_trace_only_when_asked() {
+        assert!(!with_headers(&[], false).contains_key("traceparent"));
+        let h = with_headers(&[("tracestate", "a=b")], true);
+        let started = h["traceparent"].to_str().expect("ascii");
+        assert!(crate::trace::TraceParent::parse(started).is_some());
+        assert!(
+            !h.contains_key("tracestate"),
+            "a tracestate without its traceparent belongs to no trace"
         );
     }
 }

@@ -55,6 +55,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Log output.
     pub log: LogConfig,
+    /// Trace context (W3C `traceparent`).
+    pub tracing: TracingConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
 }
@@ -72,6 +74,7 @@ impl Default for Config {
             dead_letter: DeadLetterConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            tracing: TracingConfig::default(),
             shutdown: ShutdownConfig::default(),
         }
     }
@@ -623,6 +626,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Trace context (`tracing:`): a delivery's W3C `traceparent` is always continued into the
+/// request to the worker (see `trace`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Start a new trace (a random trace-id, sampled) for a delivery that has no
+    /// `traceparent`. Default false: such a request carries none.
+    pub start_traces: bool,
 }
 
 /// Log output (`log:`).

@@ -72,6 +72,8 @@ pub struct Dispatcher {
     /// The consumer target and the retry waiting room (`retry.max_waiting`).
     capacity: Arc<Capacity>,
     metrics: QueueMetrics,
+    /// `tracing.start_traces`.
+    start_traces: bool,
     /// Cancelled when shutdown starts: deliveries still waiting for a backend are released,
     /// and backoffs end early (their deliveries are requeued at once).
     draining: CancellationToken,
@@ -136,6 +138,7 @@ impl Dispatcher {
             tiers: DelayTiers::new(cfg),
             capacity,
             metrics: QueueMetrics::new(&cfg.amqp.queue),
+            start_traces: cfg.tracing.start_traces,
             draining,
             abort,
         }
@@ -181,6 +184,7 @@ impl Dispatcher {
                 redelivered,
                 properties: &held.properties,
                 attempt: attempt.number,
+                start_traces: self.start_traces,
             };
             self.attempt(&env, held.body.clone()).await
         };
