@@ -35,7 +35,7 @@ use serde::Serialize;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::capacity::Target;
+use crate::capacity::{Capacity, MemoryState, Target};
 
 /// Most admin connections open at once. Prometheus and the kubelet need a handful; 64 leaves
 /// room for several scrapers and probes, and bounds the descriptors an attacker can hold.
@@ -51,6 +51,7 @@ pub struct ReadinessState {
     connected: AtomicBool,
     consumers: AtomicUsize,
     consumer_target: Mutex<Target>,
+    capacity: Mutex<Option<Arc<Capacity>>>,
     usable_backends: AtomicUsize,
     draining: AtomicBool,
     paused: AtomicBool,
@@ -82,6 +83,9 @@ pub struct Readiness {
     /// Why it wants that many: consumers for the backend slots, and consumers opened in
     /// place of deliveries waiting out a backoff (see [`crate::capacity`]).
     pub consumer_target: Target,
+    /// With a memory budget: the bytes of message bodies held, the budget, and whether it
+    /// holds consumers back (it never makes the sidecar unready).
+    pub memory: Option<MemoryState>,
     /// Backends that can take requests.
     pub usable_backends: usize,
     /// Shutdown has started.
@@ -116,6 +120,11 @@ impl ReadinessState {
     pub fn set_consumers(&self, n: usize) {
         self.consumers.store(n, Ordering::SeqCst);
         crate::metrics::set_consumers(n);
+    }
+
+    /// Gives /readyz the memory state of `capacity`.
+    pub fn set_capacity(&self, capacity: Arc<Capacity>) {
+        *lock(&self.capacity) = Some(capacity);
     }
 
     /// Records how many consumers the sidecar wants, and why.
@@ -162,6 +171,7 @@ impl ReadinessState {
         let connected = self.connected.load(Ordering::SeqCst);
         let consumers = self.consumers.load(Ordering::SeqCst);
         let consumer_target = *lock(&self.consumer_target);
+        let memory = lock(&self.capacity).as_ref().and_then(|c| c.memory());
         let usable_backends = self.usable_backends.load(Ordering::SeqCst);
         let draining = self.draining.load(Ordering::SeqCst);
         let paused = self.paused.load(Ordering::SeqCst);
@@ -210,6 +220,7 @@ impl ReadinessState {
             consumers,
             expected_consumers: consumer_target.total() as usize,
             consumer_target,
+            memory,
             usable_backends,
             draining,
             paused,

@@ -24,6 +24,20 @@
 //! extra one and cancelling some consumer later, means a cancel never races a delivery:
 //! nothing is handed back, so nothing is counted as a delivery by RabbitMQ 3.x quorum queues.
 //!
+//! # Memory budget
+//! With a budget ([`crate::memory`]), every consumer that is subscribed and idle could get
+//! a body of up to `backend.max_body_bytes` at any moment (prefetch 1). So the sidecar keeps
+//! `held + idle consumers × max_body_bytes ≤ budget`, where `held` is the bytes of the bodies
+//! it holds (received, not settled, backoffs included):
+//! - a consumer is opened only while that stays true ([`Target::memory_cap`]);
+//! - a delivery whose settle would leave its consumer idle past the budget retires the
+//!   consumer first (basic.cancel, then the ack), so nothing more arrives on it. A cancel
+//!   of a busy prefetch-1 consumer hands nothing back: nothing is requeued for memory.
+//!
+//! The last consumer is never retired, so one message up to `max_body_bytes` always gets
+//! through. A body above `max_body_bytes` is held briefly too (it arrives before it can be
+//! measured), then dead-lettered as `too_large`.
+//!
 //! A failing delivery that finds `retry.max_waiting` reached is requeued at once, without
 //! its backoff ([`Wait::Skip`]), counted in `amqp_sidecar_retry_backoff_skipped_total` and
 //! logged at most once a minute. It is remembered (by content, a bounded LRU), so that if
@@ -56,6 +70,10 @@ pub struct Target {
     pub slots: u32,
     /// Consumers beyond the slots, so a delivery is at hand when a slot frees.
     pub lookahead: u32,
+    /// With a memory budget: most consumers that may be subscribed now, so that every
+    /// idle one could take a `max_body_bytes` delivery within the budget (see the module
+    /// docs). It only holds back new consumers; `None` without a budget.
+    pub memory_cap: Option<u32>,
 }
 
 impl Target {
@@ -63,6 +81,14 @@ impl Target {
     #[must_use]
     pub fn total(&self) -> u32 {
         self.slots.saturating_add(self.lookahead)
+    }
+
+    /// The number of consumers that may be opened now: [`Target::total`], held back by
+    /// the memory cap.
+    #[must_use]
+    pub fn admitted(&self) -> u32 {
+        self.memory_cap
+            .map_or(self.total(), |cap| self.total().min(cap.max(1)))
     }
 }
 
@@ -91,6 +117,37 @@ pub struct Capacity {
     deliveries: AtomicU64,
     /// Recent ack-to-next-delivery round trips.
     round_trips: Mutex<VecDeque<Duration>>,
+    /// The memory budget, if any.
+    admission: Option<Admission>,
+    /// Bytes of bodies held now.
+    held: AtomicU64,
+    /// The `amqp_sidecar_held_bytes` gauge.
+    held_gauge: ::metrics::Gauge,
+    /// Deliveries held on consumers that are still subscribed (in this generation).
+    busy: AtomicU32,
+    /// Consumers subscribed now (the supervisor says).
+    subscribed: AtomicU32,
+    /// Bumped when every consumer is gone (a pause, a lost connection): deliveries held
+    /// from before no longer sit on a subscribed consumer.
+    generation: AtomicU64,
+}
+
+/// The memory budget, and the largest body a delivery may have.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    budget: u64,
+    max_body: u64,
+}
+
+/// The memory state, for /readyz.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryState {
+    /// Bytes of message bodies held now.
+    pub held_bytes: u64,
+    /// The budget, in bytes.
+    pub budget_bytes: u64,
+    /// True while the budget holds consumers back (fewer consumers than wanted).
+    pub limiting: bool,
 }
 
 /// Where a failing delivery waits out its backoff.
@@ -132,21 +189,121 @@ impl Drop for WaitPermit {
     }
 }
 
-impl Capacity {
-    /// The target for `cfg`: [`Config::consumer_count`] slots and no lookahead yet, with up
-    /// to [`Config::max_waiting`] deliveries waiting beside.
-    #[must_use]
-    pub fn new(cfg: &Config) -> Arc<Self> {
-        Self::with(cfg.consumer_count(), cfg.max_waiting())
+/// A delivery's body, held until its settle. Dropping it releases the bytes.
+pub struct Held {
+    capacity: Arc<Capacity>,
+    size: u64,
+    generation: u64,
+    /// Still counted as busy on a subscribed consumer.
+    on_consumer: bool,
+}
+
+impl Held {
+    /// Its consumer was retired (it waits out a backoff beside): no longer busy on a
+    /// subscribed consumer.
+    pub fn left_consumer(&mut self) {
+        if std::mem::take(&mut self.on_consumer) {
+            self.capacity.unbusy(self.generation);
+            self.capacity.publish_cap();
+        }
     }
 
-    /// A target of `slots` consumers, with up to `max_waiting` deliveries waiting beside.
+    /// True when settling this delivery would leave its consumer idle past the memory
+    /// budget (`held − size + (idle + 1) × max_body > budget`): retire the consumer first.
+    /// Never for the last subscribed consumer, and never without a budget.
+    #[must_use]
+    pub fn retire_before_settle(&self) -> bool {
+        let c = &self.capacity;
+        let Some(a) = c.admission else {
+            return false;
+        };
+        if !self.on_consumer || self.generation != c.generation.load(Ordering::SeqCst) {
+            return false;
+        }
+        let subscribed = u64::from(c.subscribed.load(Ordering::SeqCst));
+        if subscribed <= 1 {
+            return false;
+        }
+        let busy = u64::from(c.busy.load(Ordering::SeqCst));
+        let idle_after = subscribed.saturating_sub(busy) + 1;
+        let held_after = c.held.load(Ordering::SeqCst).saturating_sub(self.size);
+        held_after.saturating_add(idle_after.saturating_mul(a.max_body)) > a.budget
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let c = &self.capacity;
+        c.held.fetch_sub(self.size, Ordering::SeqCst);
+        if self.on_consumer {
+            c.unbusy(self.generation);
+        }
+        c.publish_cap();
+    }
+}
+
+impl std::fmt::Debug for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capacity")
+            .field("target", &self.current())
+            .field("waiting", &self.waiting())
+            .field("held", &self.held.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capacity {
+    fn unbusy(&self, generation: u64) {
+        if generation == self.generation.load(Ordering::SeqCst) {
+            let _ = self
+                .busy
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+    }
+}
+
+impl Capacity {
+    /// The target for `cfg`: [`Config::consumer_count`] slots and no lookahead yet, with up
+    /// to [`Config::max_waiting`] deliveries waiting beside, within the memory budget
+    /// ([`Config::memory_budget`]).
+    #[must_use]
+    pub fn new(cfg: &Config) -> Arc<Self> {
+        Self::build(
+            cfg.consumer_count(),
+            cfg.max_waiting(),
+            cfg.memory_budget().map(|b| Admission {
+                budget: b.bytes,
+                max_body: cfg.backend.max_body_bytes as u64,
+            }),
+        )
+    }
+
+    /// A target of `slots` consumers, with up to `max_waiting` deliveries waiting beside,
+    /// and no memory budget.
     #[must_use]
     pub fn with(slots: u32, max_waiting: u32) -> Arc<Self> {
+        Self::build(slots, max_waiting, None)
+    }
+
+    /// [`Capacity::with`] and a budget of `budget` bytes for bodies of up to `max_body`.
+    #[must_use]
+    pub fn with_budget(slots: u32, max_waiting: u32, budget: u64, max_body: u64) -> Arc<Self> {
+        Self::build(
+            slots,
+            max_waiting,
+            Some(Admission {
+                budget,
+                max_body: max_body.max(1),
+            }),
+        )
+    }
+
+    fn build(slots: u32, max_waiting: u32, admission: Option<Admission>) -> Arc<Self> {
         let capacity = Arc::new(Self {
             target: watch::Sender::new(Target {
                 slots,
                 lookahead: 0,
+                memory_cap: None,
             }),
             max_waiting,
             beside: AtomicU32::new(0),
@@ -157,10 +314,79 @@ impl Capacity {
             last_skip_log: Mutex::new(None),
             deliveries: AtomicU64::new(0),
             round_trips: Mutex::new(VecDeque::with_capacity(ROUND_TRIP_SAMPLES)),
+            admission,
+            held: AtomicU64::new(0),
+            held_gauge: metrics::held_bytes(),
+            busy: AtomicU32::new(0),
+            subscribed: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
         });
         capacity.publish_gauge();
         metrics::set_lookahead(0);
+        metrics::set_memory_budget(admission.map_or(0, |a| a.budget));
+        capacity.publish_cap();
         capacity
+    }
+
+    /// Holds a delivery's body of `size` bytes until the returned guard drops (its settle).
+    /// The delivery sits on a subscribed consumer until [`Held::left_consumer`].
+    pub fn hold(self: &Arc<Self>, size: u64) -> Held {
+        self.held.fetch_add(size, Ordering::SeqCst);
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let held = Held {
+            capacity: Arc::clone(self),
+            size,
+            generation: self.generation.load(Ordering::SeqCst),
+            on_consumer: true,
+        };
+        self.publish_cap();
+        held
+    }
+
+    /// The supervisor's count of subscribed consumers.
+    pub fn set_subscribed(&self, n: usize) {
+        self.subscribed
+            .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::SeqCst);
+    }
+
+    /// Every consumer is gone (a pause, a lost connection, shutdown): deliveries still held
+    /// no longer sit on a subscribed consumer.
+    pub fn consumers_gone(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.busy.store(0, Ordering::SeqCst);
+        self.subscribed.store(0, Ordering::SeqCst);
+        self.publish_cap();
+    }
+
+    /// The memory state, when there is a budget.
+    #[must_use]
+    pub fn memory(&self) -> Option<MemoryState> {
+        let a = self.admission?;
+        let t = self.current();
+        Some(MemoryState {
+            held_bytes: self.held.load(Ordering::SeqCst),
+            budget_bytes: a.budget,
+            limiting: t.admitted() < t.total(),
+        })
+    }
+
+    /// Republishes the memory cap: the busy consumers plus as many idle ones as the room
+    /// left takes `max_body` bodies, at least 1; capped just above the wanted total, so
+    /// that with room to spare it does not change with every delivery.
+    fn publish_cap(&self) {
+        let held = self.held.load(Ordering::SeqCst);
+        self.held_gauge.set(held as f64);
+        if let Some(a) = self.admission {
+            let busy = u64::from(self.busy.load(Ordering::SeqCst));
+            let room = a.budget.saturating_sub(held) / a.max_body;
+            let cap = busy.saturating_add(room).max(1);
+            self.target.send_if_modified(|t| {
+                let cap = u32::try_from(cap.min(u64::from(t.total()) + 1)).unwrap_or(u32::MAX);
+                let changed = t.memory_cap != Some(cap);
+                t.memory_cap = Some(cap);
+                changed
+            });
+        }
     }
 
     /// The target, updated on every change.
@@ -421,6 +647,74 @@ mod tests {
         assert!(matches!(c.wait(9), Wait::Skip));
         let w = c.wait(9);
         assert!(matches!(w, Wait::InPlace(_)));
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn the_memory_cap_admits_what_the_budget_takes() {
+        // 8 slots, 64 MiB for bodies of up to 16 MiB: 4 idle consumers fit.
+        let c = Capacity::with_budget(8, 0, 64 * MIB, 16 * MIB);
+        assert_eq!(c.current().admitted(), 4);
+        c.set_subscribed(4);
+        // Four 15 MiB bodies arrive: all four consumers are busy, 4 MiB left: still 4.
+        let held: Vec<Held> = (0..4).map(|_| c.hold(15 * MIB)).collect();
+        assert_eq!(c.current().admitted(), 4);
+        let memory = c.memory().expect("a budget");
+        assert_eq!(memory.held_bytes, 60 * MIB);
+        assert!(memory.limiting, "4 of the 8 wanted");
+        // Settling one leaves its consumer idle with 45 MiB held: 45 + 16 fits.
+        assert!(!held[0].retire_before_settle());
+        drop(held);
+        assert_eq!(c.memory().expect("budget").held_bytes, 0);
+        // Small bodies leave room for more consumers than the slots: all 8.
+        let small: Vec<Held> = (0..8).map(|_| c.hold(1_000)).collect();
+        assert_eq!(c.current().admitted(), 8);
+        drop(small);
+    }
+
+    #[test]
+    fn a_settle_past_the_budget_retires_its_consumer_first() {
+        let c = Capacity::with_budget(4, 0, 50 * MIB, 16 * MIB);
+        c.set_subscribed(4);
+        let a = c.hold(15 * MIB);
+        let b = c.hold(15 * MIB);
+        // Two busy, two idle: settling one would leave 15 MiB held and 3 idle consumers
+        // that could take 16 MiB each: 63 MiB > 50.
+        assert!(a.retire_before_settle());
+        c.set_subscribed(3);
+        // One fewer subscribed: 15 + 2 x 16 = 47 fits.
+        assert!(!b.retire_before_settle());
+        // The last consumer is never retired.
+        c.set_subscribed(1);
+        let tiny = Capacity::with_budget(1, 0, 16 * MIB, 16 * MIB);
+        tiny.set_subscribed(1);
+        assert!(!tiny.hold(15 * MIB).retire_before_settle());
+        drop((a, b));
+    }
+
+    #[test]
+    fn deliveries_of_gone_consumers_are_not_busy() {
+        let c = Capacity::with_budget(4, 0, 64 * MIB, 16 * MIB);
+        c.set_subscribed(4);
+        let old = c.hold(15 * MIB);
+        c.consumers_gone();
+        // After a pause: the old delivery's bytes are still held, but it sits on no
+        // consumer, so it admits only what the room left takes: 49 / 16 = 3.
+        assert_eq!(c.current().admitted(), 3);
+        assert!(!old.retire_before_settle(), "its consumer is gone already");
+        drop(old);
+        assert_eq!(c.current().admitted(), 4);
+    }
+
+    #[test]
+    fn without_a_budget_nothing_is_held_back() {
+        let c = Capacity::with(4, 0);
+        c.set_subscribed(4);
+        let h = c.hold(500 * MIB);
+        assert_eq!(c.current().admitted(), 4);
+        assert!(!h.retire_before_settle());
+        assert_eq!(c.memory(), None);
     }
 
     /// Little's law sizing, against simulated rates and round trips.

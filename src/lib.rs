@@ -27,6 +27,7 @@
 //! - [`tls`]: the rustls client configuration for `https://` backends.
 //! - [`trace`]: W3C Trace Context, continued from a delivery's `traceparent` into the
 //!   request to the worker.
+//! - [`memory`]: the memory budget for message bodies (config or cgroup limit).
 //! - [`capacity`]: how many consumers are open and why (the backend slots plus the
 //!   lookahead, sized by [`capacity::LookaheadController`]), and the retry waiting room; the
 //!   supervisor follows its target.
@@ -58,6 +59,7 @@ pub mod capacity;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
+pub mod memory;
 pub mod metrics;
 pub mod retry;
 pub mod shutdown;

@@ -134,6 +134,10 @@ metric_table! {
         "1 while connected to the broker, else 0.";
     CONSUMERS = "amqp_sidecar_consumers", Gauge, Count, [],
         "Consumers currently subscribed to the queue.";
+    HELD_BYTES = "amqp_sidecar_held_bytes", Gauge, Bytes, [],
+        "Bytes of message bodies the sidecar holds now (received, not yet settled, backoffs included).";
+    MEMORY_BUDGET = "amqp_sidecar_memory_budget_bytes", Gauge, Bytes, [],
+        "The memory budget for held message bodies (memory.limit_bytes, or the cgroup limit less 48 MiB); 0 without a budget.";
     LOOKAHEAD = "amqp_sidecar_lookahead", Gauge, Count, [],
         "Consumers opened beyond the backend slots so that a delivery is at hand when a slot frees (amqp.consumers 0): the delivery rate times the broker's ack-to-next-delivery round trip, at most amqp.max_lookahead.";
     CONNECTION_RECOVERIES = "amqp_sidecar_connection_recoveries_total", Counter, Count, [],
@@ -318,6 +322,16 @@ pub fn dead_letter_unconfirmed(delta: f64) {
 /// Sets [`RETRY_WAITING`].
 pub fn set_retry_waiting(n: u32) {
     gauge!(RETRY_WAITING).set(f64::from(n));
+}
+
+/// The [`HELD_BYTES`] gauge (resolved once: it moves with every delivery).
+pub fn held_bytes() -> Gauge {
+    gauge!(HELD_BYTES)
+}
+
+/// Sets [`MEMORY_BUDGET`].
+pub fn set_memory_budget(budget: u64) {
+    gauge!(MEMORY_BUDGET).set(budget as f64);
 }
 
 /// Sets [`LOOKAHEAD`].
@@ -636,6 +650,8 @@ mod tests {
         set_paused(false);
         set_retry_waiting(0);
         set_lookahead(0);
+        held_bytes().set(0.0);
+        set_memory_budget(0);
         init_bug_counters();
         connection_recovered();
         let text = handle.render();

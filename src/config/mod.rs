@@ -57,6 +57,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Trace context (W3C `traceparent`).
     pub tracing: TracingConfig,
+    /// The memory budget for message bodies held at once.
+    pub memory: MemoryConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
 }
@@ -75,6 +77,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             tracing: TracingConfig::default(),
+            memory: MemoryConfig::default(),
             shutdown: ShutdownConfig::default(),
         }
     }
@@ -628,6 +631,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// The memory budget (`memory:`), see `memory` and `capacity`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes of message bodies the sidecar may hold at once (received, not yet settled,
+    /// backoffs included). Default: the container's cgroup memory limit less 48 MiB for
+    /// the sidecar's own baseline; no budget without a cgroup limit.
+    pub limit_bytes: Option<u64>,
+}
+
 /// Trace context (`tracing:`): a delivery's W3C `traceparent` is always continued into the
 /// request to the worker (see `trace`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -746,6 +759,16 @@ impl Config {
             .map(BackendConfig::initial_limit)
             .fold(0u32, u32::saturating_add)
             .max(1)
+    }
+
+    /// The effective memory budget: `memory.limit_bytes`, or from the cgroup limit (see
+    /// `memory::budget`); `None` for no budget.
+    #[must_use]
+    pub fn memory_budget(&self) -> Option<crate::memory::Budget> {
+        crate::memory::budget(
+            self.memory.limit_bytes,
+            std::path::Path::new(crate::memory::CGROUP_ROOT),
+        )
     }
 
     /// `retry.max_waiting`, or its default: the backend slots, at least

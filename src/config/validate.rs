@@ -222,6 +222,28 @@ impl Config {
                 ),
             );
         }
+        if let Some(budget) = self.memory_budget()
+            && self.backend.max_body_bytes as u64 > budget.bytes
+        {
+            let (key, lookup) = match budget.source {
+                crate::memory::LimitSource::Config => ("memory.limit_bytes", "memory.limit_bytes"),
+                _ => ("backend.max_body_bytes", "backend.max_body_bytes"),
+            };
+            bad(
+                key.into(),
+                lookup,
+                format!(
+                    "backend.max_body_bytes ({}) is larger than the memory budget memory.limit_bytes ({} bytes{}): \
+                     a message that size could never be held. Lower backend.max_body_bytes or raise the budget",
+                    self.backend.max_body_bytes,
+                    budget.bytes,
+                    match budget.source {
+                        crate::memory::LimitSource::Config => String::new(),
+                        _ => " from the container's cgroup memory limit, less 48 MiB".to_owned(),
+                    }
+                ),
+            );
+        }
         if self.dead_letter.confirm_timeout_ms == 0 {
             bad(
                 "dead_letter.confirm_timeout_ms".into(),

@@ -48,7 +48,7 @@ use crate::{
     },
     backend::{BackendError, request, upstreams::Upstreams},
     balance::Observed,
-    capacity::{Capacity, Wait},
+    capacity::{self, Capacity, Wait},
     config::Config,
     metrics::QueueMetrics,
     retry::{Attempt, AttemptCounter, Backoff, DELIVERY_COUNT_HEADER, DeliveryIdentity},
@@ -157,6 +157,8 @@ impl Dispatcher {
             data,
             acker,
         } = delivery;
+        // Held from here to the settle: the memory budget counts it.
+        let mut body_held = self.capacity.hold(data.len() as u64);
         let carried_attempts = self
             .tiers
             .as_ref()
@@ -189,7 +191,14 @@ impl Dispatcher {
             self.attempt(&env, held.body.clone()).await
         };
         let settlement = decide(&self.policy, outcome, attempt.number, &mut rand::rng());
-        self.settle(settlement, held, &attempt, &origin).await;
+        // Past the memory budget, the consumer must not turn idle: retire it before the
+        // settle frees its prefetch slot (see `capacity`).
+        if body_held.retire_before_settle() {
+            origin.retire().await;
+            body_held.left_consumer();
+        }
+        self.settle(settlement, held, &attempt, &origin, &mut body_held)
+            .await;
     }
 
     /// Sends the delivery to a backend, unless shutdown intervenes.
@@ -275,7 +284,14 @@ impl Dispatcher {
 
     /// Carries out a settlement. A failed dead-letter publish is decided again, as
     /// [`Outcome::DeadLetterFailed`].
-    async fn settle(&self, settlement: Settlement, held: Held, attempt: &Attempt, origin: &Origin) {
+    async fn settle(
+        &self,
+        settlement: Settlement,
+        held: Held,
+        attempt: &Attempt,
+        origin: &Origin,
+        body_held: &mut capacity::Held,
+    ) {
         let mut next = Some(settlement);
         while let Some(settlement) = next.take() {
             match settlement {
@@ -290,7 +306,7 @@ impl Dispatcher {
                         delay_ms = delay.as_millis() as u64,
                         "retryable failure; requeueing after backoff"
                     );
-                    self.requeue(&held, attempt, delay, origin).await;
+                    self.requeue(&held, attempt, delay, origin, body_held).await;
                 }
                 // Not remembered: a release does not count as an attempt.
                 Settlement::Release => self.release_held(&held).await,
@@ -387,13 +403,21 @@ impl Dispatcher {
     /// meanwhile. With `retry.max_waiting` reached, the delivery is requeued at once
     /// ([`Wait::Skip`]), or, if it was skipped last time too, waits in place holding its
     /// consumer ([`Wait::InPlace`]).
-    async fn requeue(&self, held: &Held, attempt: &Attempt, delay: Duration, origin: &Origin) {
+    async fn requeue(
+        &self,
+        held: &Held,
+        attempt: &Attempt,
+        delay: Duration,
+        origin: &Origin,
+        body_held: &mut capacity::Held,
+    ) {
         let identity = held.identity();
         self.counter.remember(attempt, &identity);
         let wait = self.capacity.wait(identity.content_key());
         match &wait {
             Wait::Beside(_) => {
                 origin.retire().await;
+                body_held.left_consumer();
                 self.backoff_sleep(delay).await;
             }
             Wait::InPlace(_) => self.backoff_sleep(delay).await,

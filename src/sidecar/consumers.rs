@@ -18,6 +18,7 @@ use crate::{
         self,
         consumer::{Consumer, ConsumerExit},
     },
+    capacity::Target,
     dispatch::Dispatcher,
 };
 
@@ -73,16 +74,20 @@ impl<'a> ConsumerSet<'a> {
         self.channels.clone()
     }
 
-    /// Opens or cancels consumers until `want` are running, within `shutdown`.
+    /// Opens consumers up to what `target` admits ([`Target::admitted`]), and cancels the
+    /// newest ones beyond its total. The memory cap never cancels a consumer: one that
+    /// is idle could be racing a delivery, which would then be handed back; consumers past
+    /// the budget are retired by their own deliveries instead (see `crate::capacity`).
     ///
     /// # Errors
     /// Why a consumer could not be opened or resubscribed (the session is lost).
     pub(super) async fn resize(
         &mut self,
-        want: usize,
+        target: &Target,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
-        while self.running() < want {
+        let (grow_to, shrink_to) = (target.admitted() as usize, target.total() as usize);
+        while self.running() < grow_to {
             let consumer = match self.idle.pop() {
                 Some(mut c) => {
                     c.resubscribe().await.map_err(|e| {
@@ -118,7 +123,7 @@ impl<'a> ConsumerSet<'a> {
                 (c.index(), c, exit)
             });
         }
-        while self.running() > want {
+        while self.running() > shrink_to {
             let Some(newest) = self.stops.keys().max().copied() else {
                 break;
             };

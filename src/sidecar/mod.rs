@@ -189,6 +189,25 @@ impl Sidecar {
             abort.clone(),
         ));
         health.set_consumer_target(capacity.current());
+        health.set_capacity(Arc::clone(&capacity));
+        if let Some(budget) = config.memory_budget() {
+            let max_body = config.backend.max_body_bytes as u64;
+            let slots = u64::from(config.consumer_count());
+            tracing::info!(
+                budget_bytes = budget.bytes,
+                source = ?budget.source,
+                max_body_bytes = max_body,
+                "memory budget for message bodies"
+            );
+            if slots.saturating_mul(max_body) > budget.bytes {
+                tracing::warn!(
+                    budget_bytes = budget.bytes,
+                    consumers = slots,
+                    max_body_bytes = max_body,
+                    "the memory budget is smaller than consumers x backend.max_body_bytes: while large bodies are held, fewer consumers are open (see amqp_sidecar_held_bytes)"
+                );
+            }
+        }
         Ok(Self {
             config,
             health,
@@ -512,12 +531,13 @@ impl Sidecar {
         loop {
             // Consuming.
             let want = *target.borrow_and_update();
-            if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+            if let Err(reason) = set.resize(&want, shutdown).await {
                 set.stop_all().await;
+                self.capacity.consumers_gone();
                 return SessionEnd::Lost(reason);
             }
             self.health.set_consumer_target(want);
-            self.health.set_consumers(set.running());
+            self.set_consumers(set.running());
             tracing::info!(consumers = set.running(), prefetch = cfg.amqp.prefetch, queue = %cfg.amqp.queue, "consuming");
             enum Why {
                 Shutdown,
@@ -533,28 +553,29 @@ impl Sidecar {
                     true = async { usable.wait_for(|u| *u == 0).await.is_ok() } => break Why::Pause,
                     Ok(()) = target.changed() => {
                         let want = *target.borrow_and_update();
-                        if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+                        if let Err(reason) = set.resize(&want, shutdown).await {
                             break Why::Lost(reason);
                         }
                         self.health.set_consumer_target(want);
-                        self.health.set_consumers(set.running());
+                        self.set_consumers(set.running());
                         tracing::debug!(consumers = set.running(), slots = want.slots, lookahead = want.lookahead, "consumer target changed");
                     }
                     joined = set.next_exit() => match joined {
                         // Replace it (a delivery waiting out a backoff took it along).
                         consumers::Joined::Retired => {
                             let want = *target.borrow();
-                            if let Err(reason) = set.resize(want.total() as usize, shutdown).await {
+                            if let Err(reason) = set.resize(&want, shutdown).await {
                                 break Why::Lost(reason);
                             }
-                            self.health.set_consumers(set.running());
+                            self.set_consumers(set.running());
                         }
                         consumers::Joined::Exit(exit) => break Why::Exit(exit),
                     },
                 }
             };
             set.stop_all().await;
-            self.health.set_consumers(0);
+            self.set_consumers(0);
+            self.capacity.consumers_gone();
             let channels = set.channels();
             match why {
                 Why::Shutdown => return SessionEnd::Shutdown(channels),
@@ -599,6 +620,14 @@ impl Sidecar {
             }
             tracing::info!("a backend is usable again: consumption resumed");
         }
+    }
+}
+
+impl Sidecar {
+    /// Records the subscribed consumers, for readiness, the gauge and the memory budget.
+    fn set_consumers(&self, n: usize) {
+        self.health.set_consumers(n);
+        self.capacity.set_subscribed(n);
     }
 }
 

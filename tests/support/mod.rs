@@ -408,7 +408,9 @@ impl WorkerBuilder {
                     StatusCode::from_u16(health.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK)
                 }),
             )
-            .with_state(app_state);
+            .with_state(app_state)
+            // Large bodies are this worker's business (axum's default limit is 2 MB).
+            .layer(axum::extract::DefaultBodyLimit::disable());
         let acceptor = self.tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
