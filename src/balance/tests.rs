@@ -3,6 +3,8 @@
 use super::*;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 fn pool(caps: &[(u32, u32)]) -> Arc<Pool> {
     Pool::new(
         caps,
