@@ -12,6 +12,7 @@
 mod backends;
 mod broker;
 mod contender;
+mod memory;
 mod plots;
 mod procstat;
 mod report;
@@ -134,6 +135,12 @@ impl std::fmt::Display for QueueType {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The memory benchmark: peak RSS by body size and slots, with and without a budget.
+    Memory {
+        /// Where to write memory-run.json and memory_rss.svg.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Internal: a broker-limit or minimal-forwarder process (started by the bench).
     #[command(hide = true)]
     Contender(ChildArgs),
@@ -155,6 +162,15 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Some(Cmd::Contender(args)) => contender::child_main(args).await.map(|()| true),
+            Some(Cmd::Memory { ref out }) => {
+                let work_dir = std::env::temp_dir()
+                    .join(format!("sidecar-bench-memory-{}", std::process::id()));
+                std::fs::create_dir_all(&work_dir)?;
+                let bin = sidecar_binary(cli.sidecar_bin.as_deref(), &work_dir)?;
+                let result = memory::run(&cli.url, &bin, &work_dir, out.as_deref()).await;
+                let _ = std::fs::remove_dir_all(&work_dir);
+                result.map(|_| true)
+            }
             None if !cli.replot.is_empty() => replot(&cli).map(|()| true),
             None => {
                 // On Ctrl-C or SIGTERM the bench future is dropped, which kills the running
