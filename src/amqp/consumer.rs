@@ -121,7 +121,7 @@ impl<H: Handler> Consumer<H> {
         channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
-        let tag = ShortString::from(format!("amqp-sidecar-{}-{index}", std::process::id()));
+        let tag = consumer_tag(index);
         let stream = subscribe(&channel, queue, &tag).await?;
         Ok(Self {
             index,
@@ -141,7 +141,11 @@ impl<H: Handler> Consumer<H> {
     /// # Errors
     /// The lapin error when the channel is gone or the queue is missing.
     pub async fn resubscribe(&mut self) -> Result<(), lapin::Error> {
-        self.stream = subscribe(&self.channel, &self.queue, &self.tag).await?;
+        // A tag of its own: an `Origin` of the old subscription (a delivery still being
+        // handled) can then never cancel this one.
+        let tag = consumer_tag(self.index);
+        self.stream = subscribe(&self.channel, &self.queue, &tag).await?;
+        self.tag = tag;
         // A new subscription: a handler of the old one can no longer retire it, and the
         // old one's deliveries say nothing of this one's round trips.
         self.retired = Arc::new(AtomicBool::new(false));
@@ -238,7 +242,7 @@ impl<H: Handler> Consumer<H> {
         let _ = tokio::time::timeout(CANCEL_DRAIN, drain).await;
     }
 
-    /// Its index (part of its consumer tag).
+    /// Its index (part of its consumer tags).
     #[must_use]
     pub fn index(&self) -> usize {
         self.index
@@ -249,6 +253,13 @@ impl<H: Handler> Consumer<H> {
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
+}
+
+/// A consumer tag unique in the process: `amqp-sidecar-<pid>-<index>-<subscription>`.
+fn consumer_tag(index: usize) -> ShortString {
+    static SUBSCRIPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SUBSCRIPTIONS.fetch_add(1, Ordering::Relaxed);
+    ShortString::from(format!("amqp-sidecar-{}-{index}-{n}", std::process::id()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
